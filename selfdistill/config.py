@@ -1,0 +1,264 @@
+"""Typed run configuration: YAML files plus dotted command-line overrides.
+
+`TrainConfig()` with no arguments IS the embedded CPU default (tiny model, generated
+arithmetic, OPSD against the full-reference teacher). A YAML file states only what it
+changes; `learner.lr=1e-5` on the command line changes one field. Unknown keys, wrong types
+and impossible values raise `ConfigError` naming the field and the value.
+Each component documents its own fields next to its code (objectives in
+`learner/objectives/`, sampling in `rollout/base.py`, ...); this file assembles them.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+
+from selfdistill.data.arithmetic import ArithmeticTaskConfig
+from selfdistill.data.files import FileSourceConfig
+from selfdistill.data.templates import PromptTemplates
+from selfdistill.learner.objectives import ObjectiveConfig
+from selfdistill.models.warmstart import TinyModelConfig, WarmStartConfig
+from selfdistill.rewards import RewardConfig
+from selfdistill.rollout.base import EngineConfig, SamplingConfig
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot run; the message names the file, field and value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+DataSource = Annotated[Union[ArithmeticTaskConfig, FileSourceConfig], Field(discriminator="name")]
+
+
+class TinyModel(Strict):
+    """The embedded CPU model: built from a config, warm-started by the project, cached."""
+
+    kind: Literal["tiny"] = "tiny"
+    shape: TinyModelConfig = Field(default_factory=TinyModelConfig, description="Layer sizes of the tiny Llama.")
+    warm_start: WarmStartConfig = Field(
+        default_factory=WarmStartConfig,
+        description="Supervised warm start on plain and privileged prompts, cached under run.cache_dir.",
+    )
+
+
+class PretrainedModel(Strict):
+    """Any Hugging Face model folder (config.json, safetensors weights, tokenizer)."""
+
+    kind: Literal["pretrained"] = "pretrained"
+    path: str = Field(description="Folder of a Hugging Face model (or a hub id when online).")
+
+
+ModelSource = Annotated[Union[TinyModel, PretrainedModel], Field(discriminator="kind")]
+
+
+class RunConfig(Strict):
+    name: str = Field("cpu-default", description="Run folder name under output_dir.")
+    output_dir: str = Field("runs", description="Parent folder of run folders.")
+    cache_dir: str = Field(
+        default_factory=lambda: os.environ.get("SELFDISTILL_CACHE", str(Path.home() / ".cache" / "selfdistill")),
+        description="Where warm starts and converted models are cached (env SELFDISTILL_CACHE).",
+    )
+    seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
+    steps: int = Field(40, ge=1, description="Number of training steps (one rollout batch each).")
+    save_every: int = Field(20, ge=0, description="Checkpoint every N steps (0: only at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
+    eval_size: int = Field(200, ge=0, description="Held-out problems for greedy accuracy before and after.")
+    progress: bool = Field(True, description="Live progress bar and summary table on the console.")
+
+
+class RolloutConfig(Strict):
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="Inference engine (vLLM or HF).")
+    sampling: SamplingConfig = Field(
+        default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=48, n=4),
+        description="Sampling for training rollouts; n is G, responses per prompt.",
+    )
+    prompts_per_step: int = Field(16, ge=1, description="Prompts per training step (batch = prompts_per_step * n).")
+    num_engines: int = Field(1, ge=1, description="Rollout actors, each with its own engine; prompts are split evenly.")
+    num_cpus_per_engine: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout actor.")
+
+
+class TeacherConfig(Strict):
+    weights: Literal["live", "frozen", "ema"] = Field(
+        "live",
+        description="live: synced from the learner every step; frozen: the initial weights; ema: an exponential "
+        "moving average of the learner's weights with rate ema_rate.",
+    )
+    ema_rate: float = Field(0.99, ge=0.0, lt=1.0, description="EMA decay for weights='ema' (new = r*old + (1-r)*live).")
+    top_k: int = Field(20, ge=0, description="Log-probs on the teacher's top-k tokens sent per response token.")
+    full_vocab_max: int = Field(
+        4096, ge=0, description="Send whole vocabulary rows when the vocabulary is at most this size (tiny models)."
+    )
+    batch_size: int = Field(64, ge=1, description="Sequences per teacher forward pass.")
+    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Share of reference steps shown by the 'partial' context.")
+    num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the teacher actor.")
+
+
+class LearnerConfig(Strict):
+    num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray actors).")
+    zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
+    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")
+    grad_clip: float = Field(1.0, ge=0, description="Gradient-norm clip (0: off).")
+    micro_batch_groups: int = Field(
+        8, ge=1, description="Prompt groups per micro-batch (groups are never split across micro-batches or ranks)."
+    )
+    temperature: float | None = Field(
+        None, gt=0, description="Logits are divided by this before log-softmax; default: the sampling temperature."
+    )
+    old_logprobs: Literal["learner", "sampling"] = Field(
+        "learner",
+        description="Behaviour log-probs for the importance ratio: 'learner' recomputes them before the update "
+        "(exact on-policy), 'sampling' uses the engine's sampling log-probs (needed when rollouts are stale).",
+    )
+    dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training precision.")
+    num_cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner rank.")
+
+
+class SyncConfig(Strict):
+    transport: Literal["object_store"] = Field(
+        "object_store", description="Weight transport from learner to engines and teacher (see learner/sync/)."
+    )
+    bucket_mb: float = Field(64.0, gt=0, description="Weights travel in buckets of at most this many MiB.")
+    check_every: int = Field(
+        0, ge=0, description="Every N steps compare engine and learner log-probs after a sync (0: off; tests use 1)."
+    )
+
+
+class ClusterConfig(Strict):
+    address: str | None = Field(
+        None, description="Ray address to join (as `ray job submit` gives); None starts a local cluster on loopback."
+    )
+    num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (default: what the actors need).")
+
+
+class TrainConfig(Strict):
+    """One training run. The defaults are the embedded CPU job."""
+
+    run: RunConfig = Field(default_factory=RunConfig)
+    model: ModelSource = Field(default_factory=TinyModel)
+    data: DataSource = Field(default_factory=ArithmeticTaskConfig, description="Training prompts.")
+    templates: PromptTemplates = Field(default_factory=PromptTemplates)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
+    reward: RewardConfig = Field(default_factory=RewardConfig)
+    learner: LearnerConfig = Field(default_factory=LearnerConfig)
+    objective: ObjectiveConfig = Field(default_factory=lambda: _default_objective(), description="Training objective.")
+    sync: SyncConfig = Field(default_factory=SyncConfig)
+    cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> "TrainConfig":
+        if self.rollout.prompts_per_step % self.learner.num_ranks:
+            raise ValueError(
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be a multiple of "
+                f"learner.num_ranks ({self.learner.num_ranks}): prompt groups are split evenly across ranks"
+            )
+        if self.rollout.prompts_per_step % self.rollout.num_engines:
+            raise ValueError(
+                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be a multiple of "
+                f"rollout.num_engines ({self.rollout.num_engines})"
+            )
+        return self
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.output_dir) / self.run.name
+
+    @property
+    def train_temperature(self) -> float:
+        return self.learner.temperature or self.rollout.sampling.temperature
+
+
+def _default_objective():
+    return TypeAdapter(ObjectiveConfig).validate_python({"name": "opsd"})
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Load a YAML file (or the embedded default when `path` is None) and apply `a.b=value` overrides."""
+    raw: dict[str, Any] = {}
+    where = "the default config"
+    if path is not None:
+        where = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}")
+        try:
+            raw = yaml.safe_load(p.read_text()) or {}
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cannot read config file {p}: {e}") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        if not isinstance(raw, dict):
+            raise ConfigError(f"config file {p} must hold a mapping at the top level, got {type(raw).__name__}")
+    for item in overrides:
+        _apply_override(raw, item)
+    return validate_config(raw, where)
+
+
+def validate_config(raw: dict[str, Any], where: str = "config") -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(f"invalid {where}:\n" + format_validation_error(e)) from None
+
+
+def format_validation_error(e: ValidationError) -> str:
+    lines = []
+    for err in e.errors():
+        field = ".".join(str(part) for part in err["loc"] if not _is_union_tag(part)) or "<root>"
+        value = err.get("input")
+        shown = "" if isinstance(value, dict) else f" (got {value!r})"
+        msg = err["msg"]
+        if err["type"] == "extra_forbidden":
+            msg, shown = "unknown field", ""
+        lines.append(f"  {field}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def _is_union_tag(part: Any) -> bool:
+    # pydantic puts the chosen discriminator value ("opsd", "tiny", ...) into error locations.
+    return isinstance(part, str) and part in _UNION_TAGS
+
+
+def _apply_override(raw: dict[str, Any], item: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r} must look like section.field=value")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {item!r}: cannot parse value {value!r}: {e}") from e
+    node = raw
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {part} is a value, not a section")
+        node = child
+    node[parts[-1]] = parsed
+
+
+def save_config(cfg: TrainConfig, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+
+
+def _collect_union_tags() -> set[str]:
+    from selfdistill.learner.objectives import OBJECTIVE_NAMES
+
+    return set(OBJECTIVE_NAMES) | {"tiny", "pretrained", "arithmetic", "file"}
+
+
+_UNION_TAGS = _collect_union_tags()

@@ -1,0 +1,1 @@
+"""Command line, Ray bring-up and the training loop."""

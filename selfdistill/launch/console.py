@@ -1,0 +1,62 @@
+"""What a person sees: status lines, a live progress bar with the step's key numbers, a summary."""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+
+from rich.console import Console as RichConsole
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+SHOWN = {"train/loss": "loss", "reward/mean": "reward", "train/entropy": "entropy", "time/step": "s/step"}
+
+
+class Console:
+    def __init__(self, live: bool = True):
+        self.live = live
+        self.rich = RichConsole(stderr=False)
+
+    def status(self, message: str) -> None:
+        self.rich.print(f"[bold cyan]>[/] {message}")
+
+    def note(self, message: str) -> None:
+        self.rich.print(f"  {message}")
+
+    @contextmanager
+    def progress(self, total: int, start: int):
+        bar = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TimeElapsedColumn(), TimeRemainingColumn(), console=self.rich, disable=not self.live,
+        )
+        task = bar.add_task("train", total=total, completed=start, info="")
+
+        class _Handle:
+            def advance(_, step: int, metrics: dict) -> None:
+                info = "  ".join(f"{short} {metrics[k]:.3f}" for k, short in SHOWN.items() if k in metrics)
+                bar.update(task, completed=step, info=info)
+                if not self.live:
+                    self.rich.print(f"step {step}/{total}  {info}")
+
+        with bar:
+            yield _Handle()
+
+    def summary(self, summary: dict, metrics_path: Path) -> None:
+        rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line]
+        table = Table(title="selfdistill run summary")
+        table.add_column("metric")
+        table.add_column("value", justify="right")
+        table.add_row("held-out greedy accuracy, before", f"{summary['accuracy_before']:.3f}")
+        table.add_row("held-out greedy accuracy, after", f"{summary['accuracy_after']:.3f}")
+        table.add_row("held-out problems", str(summary["eval_problems"]))
+        if rows:
+            first, last = rows[0], rows[-1]
+            for key in ("reward/mean", "train/loss", "train/entropy", "response/length"):
+                if key in last:
+                    table.add_row(f"{key} (first step -> last)", f"{first.get(key, float('nan')):.3f} -> {last[key]:.3f}")
+            mean_step = sum(r.get("time/step", 0.0) for r in rows) / len(rows)
+            table.add_row("mean seconds per step", f"{mean_step:.2f}")
+        table.add_row("run folder", summary["run_dir"])
+        table.add_row("last checkpoint", summary["checkpoint"])
+        self.rich.print(table)

@@ -1,0 +1,99 @@
+"""The named roles of a run, placed as Ray actors: rollout engines, teacher, learner ranks.
+
+Each method is one stage of a step and hides only the fan-out (splitting prompts across
+engines, gathering results); the loop in `train.py` reads as the algorithm.
+"""
+
+from __future__ import annotations
+
+import ray
+
+from selfdistill.config import TrainConfig
+from selfdistill.learner.group import LearnerGroup
+from selfdistill.records import Problem, TeacherScores, Trajectory
+from selfdistill.rewards import build_reward
+from selfdistill.rollout.actor import RolloutActor
+from selfdistill.rollout.base import SamplingConfig
+from selfdistill.teacher.actor import TeacherActor
+from selfdistill.teacher.contexts import prompt_ids
+
+
+class Roles:
+    def __init__(self, cfg: TrainConfig, policy_path: str, teacher_path: str, tokenizer, contexts: tuple[str, ...],
+                 resume_from: str | None = None, version: int = 0):
+        self.cfg, self.tokenizer, self.contexts, self.version = cfg, tokenizer, contexts, version
+        rollout_cls = ray.remote(RolloutActor).options(num_cpus=cfg.rollout.num_cpus_per_engine)
+        self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine) for _ in range(cfg.rollout.num_engines)]
+        self.teacher = None
+        if contexts:
+            teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus)
+            self.teacher = teacher_cls.remote(teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync)
+        self.learner = LearnerGroup(cfg, policy_path, resume_from)
+        self.pids = {
+            "rollout": ray.get([e.ready.remote() for e in self.engines]),
+            "teacher": ray.get(self.teacher.ready.remote()) if self.teacher else None,
+            "learner": self.learner.pids,
+        }
+        self.verifier = build_reward(cfg.reward)
+
+    # ------------------------------------------------------------------ stages
+
+    def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
+        """Sample `sampling.n` responses per problem; one group per problem."""
+        prompts = [prompt_ids(self.tokenizer, self.cfg.templates, "plain", p) for p in problems]
+        chunks = _split(list(range(len(problems))), len(self.engines))
+        refs = [e.generate.remote([prompts[i] for i in idx], sampling) for e, idx in zip(self.engines, chunks)]
+        trajs = []
+        for idx, samples_per_prompt in zip(chunks, ray.get(refs)):
+            for i, samples in zip(idx, samples_per_prompt):
+                for s in samples:
+                    trajs.append(Trajectory(
+                        problem=problems[i], group=i, prompt_ids=prompts[i], response_ids=list(s.token_ids),
+                        sampling_logprobs=list(s.logprobs), finish_reason=s.finish_reason,
+                        weight_version=self.version, text=s.text,
+                    ))
+        return trajs
+
+    def verify(self, trajs: list[Trajectory]) -> None:
+        results = self.verifier.score([t.text for t in trajs], [t.problem.answer for t in trajs])
+        for t, r in zip(trajs, results):
+            t.reward, t.verify_status = r.reward, r.status
+
+    def score(self, trajs: list[Trajectory]) -> list[TeacherScores] | None:
+        if self.teacher is None:
+            return None
+        items = [(t.problem, t.response_ids) for t in trajs]
+        return ray.get(self.teacher.score.remote(items, list(self.contexts)))
+
+    def train(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
+        return self.learner.train_step(trajs, scores)
+
+    def publish(self, version: int) -> None:
+        """Learner -> every engine and the teacher; all receivers hold `version` on return."""
+        handle = self.learner.publish(version)
+        receivers = [e.load_weights.remote(handle, version) for e in self.engines]
+        if self.teacher is not None:
+            receivers.append(self.teacher.load_weights.remote(handle, version))
+        ray.get(receivers)
+        self.version = version
+
+    # ------------------------------------------------------------------ checks
+
+    def sync_gap(self, sequence: list[int]) -> float:
+        """Largest |engine - learner| log-prob over a fixed sequence (0 when sync landed)."""
+        learner = self.learner.sequence_logprobs([sequence])[0]
+        engines = ray.get([e.sequence_logprobs.remote([sequence]) for e in self.engines])
+        return max(abs(a - b) for out in engines for a, b in zip(out[0], learner))
+
+    def close(self) -> None:
+        self.verifier.close()
+
+
+def _split(items: list[int], parts: int) -> list[list[int]]:
+    size, extra = divmod(len(items), parts)
+    out, start = [], 0
+    for k in range(parts):
+        end = start + size + (k < extra)
+        out.append(items[start:end])
+        start = end
+    return out

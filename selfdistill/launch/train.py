@@ -1,0 +1,100 @@
+"""The training loop: generate -> verify -> score -> train -> publish, one step at a time."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from selfdistill.config import TrainConfig, save_config
+from selfdistill.data import PromptSampler, load_split
+from selfdistill.launch.cluster import ray_cluster
+from selfdistill.launch.console import Console
+from selfdistill.launch.evaluate import greedy_eval
+from selfdistill.launch.model import prepare_model
+from selfdistill.launch.run_dir import (MetricsLog, checkpoint_dir, prune_checkpoints, read_trainer_state,
+                                        write_trainer_state)
+from selfdistill.launch.step_metrics import step_metrics
+from selfdistill.learner.objectives import build_objective
+
+
+def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
+    """Run `cfg` (or continue it from checkpoint `resume_from`); returns the final summary."""
+    console = Console(cfg.run.progress)
+    state = read_trainer_state(resume_from) if resume_from else {}
+    train_problems = load_split(cfg.data, "train", cfg.run.eval_size)
+    eval_problems = load_split(cfg.data, "eval", cfg.run.eval_size)
+    initial_model = state.get("initial_model") or prepare_model(cfg, console)
+    policy = str(resume_from) if resume_from else initial_model
+    teacher = initial_model if cfg.teacher.weights == "frozen" else policy
+    contexts = build_objective(cfg.objective).contexts
+    sampler = PromptSampler(train_problems, cfg.run.seed, **state.get("data", {}))
+    run_dir, start = cfg.run_dir, state.get("step", 0)
+    save_config(cfg, run_dir / "config.yaml")
+    log = MetricsLog(run_dir, start)
+
+    from transformers import AutoTokenizer
+
+    from selfdistill.launch.roles import Roles
+
+    tokenizer = AutoTokenizer.from_pretrained(policy)
+    num_cpus = cfg.cluster.num_cpus or _cpus_needed(cfg, contexts)
+    with ray_cluster(cfg.cluster.address, num_cpus):
+        console.status("starting Ray actors (vLLM engines, teacher, DeepSpeed ranks)")
+        roles = Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start)
+        before = state.get("eval_before") or greedy_eval(roles, eval_problems, cfg)
+        console.note(f"held-out greedy accuracy before training: {before['accuracy']:.3f} (n={before['n']})")
+        probe = tokenizer(eval_problems[0].question + eval_problems[0].reference)["input_ids"]
+        with console.progress(cfg.run.steps, start) as bar:
+            for step in range(start + 1, cfg.run.steps + 1):
+                t = {}
+                sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.run.seed * 100_003 + step})
+                problems = sampler.next_batch(cfg.rollout.prompts_per_step)
+                with _timed(t, "generate"):
+                    trajs = roles.generate(problems, sampling)
+                with _timed(t, "verify"):
+                    roles.verify(trajs)
+                with _timed(t, "teacher"):
+                    scores = roles.score(trajs)
+                with _timed(t, "train"):
+                    train_metrics = roles.train(trajs, scores)
+                with _timed(t, "sync"):
+                    roles.publish(version=step)
+                metrics = step_metrics(trajs, train_metrics, t)
+                if cfg.sync.check_every and step % cfg.sync.check_every == 0:
+                    metrics["sync/max_logprob_gap"] = roles.sync_gap(probe)
+                log.write(step, metrics)
+                bar.advance(step, metrics)
+                if step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
+                    path = checkpoint_dir(run_dir, step)
+                    data_state = sampler.state()
+                    roles.learner.save_checkpoint(str(path), {"data": data_state})
+                    write_trainer_state(path, {"step": step, "data": data_state, "initial_model": initial_model,
+                                               "eval_before": before})
+                    prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
+        after = greedy_eval(roles, eval_problems, cfg)
+        pids = roles.pids
+        roles.close()
+    log.close()
+    summary = {"run_dir": str(run_dir), "steps": cfg.run.steps, "accuracy_before": before["accuracy"],
+               "accuracy_after": after["accuracy"], "eval_problems": after["n"], "pids": pids,
+               "checkpoint": str(checkpoint_dir(run_dir, cfg.run.steps))}
+    console.summary(summary, log.path)
+    return summary
+
+
+class _timed:
+    def __init__(self, sink: dict, name: str):
+        self.sink, self.name = sink, name
+
+    def __enter__(self):
+        self.start = time.perf_counter()
+
+    def __exit__(self, *exc):
+        self.sink[self.name] = time.perf_counter() - self.start
+
+
+def _cpus_needed(cfg: TrainConfig, contexts) -> int:
+    """Logical CPUs for a local cluster: what the actors reserve (they may exceed physical cores)."""
+    need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
+    need += cfg.teacher.num_cpus if contexts else 0
+    return max(1, int(need + 0.999))

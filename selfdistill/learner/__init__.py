@@ -1,0 +1,1 @@
+"""DeepSpeed learner ranks, objectives and weight transport."""

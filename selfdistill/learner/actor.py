@@ -1,0 +1,195 @@
+"""One DeepSpeed ZeRO rank as a Ray actor.
+
+Each rank takes whole prompt groups, splits them into micro-batches, computes the student
+log-probs with gradients (logits / temperature, log-softmax over the vocabulary), asks the
+objective for a loss, and accumulates gradients; one optimizer step closes the training
+step. Ranks rendezvous over gloo on loopback (CPU) or NCCL (GPU) through the usual
+MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE variables.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from selfdistill.config import TrainConfig
+from selfdistill.learner.batching import collate
+from selfdistill.learner.objectives import build_objective
+from selfdistill.learner.objectives.base import ObjectiveInputs
+from selfdistill.learner.sync import build_transport
+from selfdistill.records import TeacherScores, Trajectory
+
+DEEPSPEED_TAG = "state"
+
+
+class LearnerActor:
+    """Ray actor (created by `LearnerGroup`); see module docstring."""
+
+    def __init__(self, cfg: TrainConfig, model_path: str, rank: int, world_size: int, master_port: int,
+                 resume_from: str | None = None):
+        os.environ.update(
+            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
+            LOCAL_RANK=str(rank) if not torch.cuda.is_available() else "0",
+        )
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_rank)))
+        torch.manual_seed(cfg.run.seed)
+        import deepspeed
+
+        # The shared-memory comm op compiles for ~90 s at every init on CPU; gloo needs none of it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.temperature = cfg.train_temperature
+        self.objective = build_objective(cfg.objective)
+        self.transport = build_transport(cfg.sync)
+        self.model_path = model_path
+        lc = cfg.learner
+        self.ds_config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "gradient_accumulation_steps": 1,
+            # We decide micro-batches (whole prompt groups) ourselves: backward() accumulates,
+            # step() reduces across ranks and updates once per training step.
+            "managed_gradient_accumulation": False,
+            "gradient_clipping": lc.grad_clip,
+            "zero_optimization": {"stage": lc.zero_stage},
+            "zero_allow_untested_optimizer": True,
+            "bf16": {"enabled": lc.dtype == "bfloat16"},
+            "steps_per_print": 1 << 30,
+        }
+        model = self._load_model(model_path)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
+        warmup = lc.warmup_steps
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
+            model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
+        )
+        self.step = 0
+        if resume_from:
+            _, client = self.engine.load_checkpoint(str(Path(resume_from) / "deepspeed"), tag=DEEPSPEED_TAG)
+            self.step = int(client["step"])
+
+    def _load_model(self, path: str):
+        from transformers import AutoModelForCausalLM
+
+        dtype = torch.bfloat16 if self.cfg.learner.dtype == "bfloat16" else torch.float32
+        if self.cfg.learner.zero_stage == 3:
+            importlib.import_module("torch._dynamo")  # deepspeed.zero.Init fails unless it is imported first
+            from transformers.integrations import HfDeepSpeedConfig
+
+            self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive: partitions at load
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+
+    def ready(self) -> int:
+        return os.getpid()
+
+    # ------------------------------------------------------------------ training
+
+    def train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
+        """One optimizer step over this rank's share of the batch (whole prompt groups)."""
+        self.engine.train()
+        pad = self.engine.module.config.pad_token_id or 0
+        micro = _micro_batches(trajs, scores, self.cfg.learner.micro_batch_groups)
+        totals: dict[str, float] = {}
+        for mb_trajs, mb_scores in micro:
+            batch = collate(mb_trajs, mb_scores, pad)
+            student = self._student_logprobs(batch.input_ids, batch.attention_mask, batch.response_index)
+            token_lp = student.gather(-1, batch.tokens[..., None]).squeeze(-1)
+            old = token_lp.detach() if self.cfg.learner.old_logprobs == "learner" else batch.sampling_logprobs
+            inputs = ObjectiveInputs(
+                student_logprobs=student, tokens=batch.tokens, mask=batch.mask, old_logprobs=old,
+                rewards=batch.rewards, group_ids=batch.group_ids, teacher=batch.teacher, step=self.step,
+            )
+            loss, metrics = self.objective(inputs)
+            share = len(mb_trajs) / len(trajs)
+            self.engine.backward(loss * share, scale_wrt_gas=False)
+            metrics = {"loss": float(loss.detach()), **metrics}
+            for k, v in metrics.items():
+                totals[k] = totals.get(k, 0.0) + share * float(v)
+        self.engine.step()
+        self.step += 1
+        grad_norm = self.engine.get_global_grad_norm()
+        totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
+        totals["lr"] = float(self.scheduler.get_last_lr()[0])
+        return totals
+
+    def _student_logprobs(self, input_ids, attention_mask, response_index, temperature: float | None = None):
+        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits
+        idx = response_index[..., None].expand(-1, -1, logits.shape[-1])
+        rows = logits.gather(1, idx).float() / (temperature or self.temperature)
+        return torch.log_softmax(rows, dim=-1)
+
+    @torch.no_grad()
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(x_t | x_<t), t >= 1, at temperature 1 (every rank must call it under ZeRO-3)."""
+        self.engine.eval()
+        out = []
+        for seq in sequences:
+            ids = torch.tensor([seq])
+            index = torch.arange(len(seq) - 1)[None]
+            lp = self._student_logprobs(ids, torch.ones_like(ids), index, temperature=1.0)
+            out.append(lp.gather(-1, ids[:, 1:, None]).squeeze(-1)[0].tolist())
+        return out
+
+    # ------------------------------------------------------------------ weights out
+
+    def _gathered_buckets(self, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
+        """Full parameters in buckets; under ZeRO-3 every rank gathers one bucket at a time."""
+        import deepspeed
+
+        named = list(self.engine.module.named_parameters())
+        zero3 = self.cfg.learner.zero_stage == 3
+        bucket, size = [], 0
+        for name, p in named + [(None, None)]:
+            numel = 0 if p is None else (p.ds_numel if zero3 else p.numel())
+            if bucket and (p is None or size + numel * 4 > bucket_bytes):
+                params = [q for _, q in bucket]
+                if zero3:
+                    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+                        yield {n: q.detach().float().clone() for n, q in bucket}
+                else:
+                    yield {n: q.detach().float() for n, q in bucket}
+                bucket, size = [], 0
+            if p is not None:
+                bucket.append((name, p))
+                size += numel * 4
+
+    def publish(self, version: int):
+        """Publish the current weights; rank 0 returns the transport handle, other ranks None."""
+        buckets = self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20))
+        if self.rank == 0:
+            return self.transport.publish(buckets, version)
+        for _ in buckets:  # take part in the ZeRO-3 gathers
+            pass
+        return None
+
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        """Hugging Face folder (safetensors + tokenizer) from rank 0, DeepSpeed state from every rank."""
+        state = {}
+        for bucket in self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20)):
+            if self.rank == 0:
+                state.update(bucket)
+        if self.rank == 0:
+            from transformers import AutoTokenizer
+
+            Path(path).mkdir(parents=True, exist_ok=True)
+            self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
+        self.engine.save_checkpoint(str(Path(path) / "deepspeed"), tag=DEEPSPEED_TAG,
+                                    client_state={**client_state, "step": self.step})
+
+
+def _micro_batches(trajs: list[Trajectory], scores: list[TeacherScores] | None, groups_per_batch: int):
+    groups: dict[int, list[int]] = {}
+    for i, t in enumerate(trajs):
+        groups.setdefault(t.group, []).append(i)
+    order = list(groups.values())
+    for start in range(0, len(order), groups_per_batch):
+        idx = [i for g in order[start : start + groups_per_batch] for i in g]
+        yield [trajs[i] for i in idx], ([scores[i] for i in idx] if scores else None)

@@ -1,0 +1,1 @@
+"""Models the project builds itself: the character tokenizer and the tiny Llama-style default."""

@@ -1,0 +1,254 @@
+"""The cached warm start of the CPU default: a short SFT of the tiny model on the task.
+
+Each training example is a generated problem under the plain prompt or (with probability
+`privileged_fraction`) the full privileged prompt, and the target is the reference
+solution followed by EOS; the loss covers response tokens only. Training on both prompts
+teaches the model to use a reference in context, as real LLMs do, so the self-teacher of
+OPSD is better than the student from the start. The result is a Hugging Face folder under
+`cache_dir/warmstart-<hash>`, keyed by every config that changes it and `WARMSTART_VERSION`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from selfdistill.data.arithmetic import ArithmeticTaskConfig, generate_problems
+from selfdistill.data.templates import Context, PromptTemplates, render
+from selfdistill.models.tiny import build_tiny_model
+from selfdistill.records import Problem
+
+# Bump when the training code changes its result, so old cached folders are not reused.
+WARMSTART_VERSION = 1
+NUM_THREADS = 2
+IGNORE_INDEX = -100
+_BOXED_INT = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+
+
+class TinyModelConfig(BaseModel):
+    """Shape of the tiny Llama-style model (intermediate size is 3 x hidden, embeddings tied)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    hidden_size: int = Field(128, ge=8, description="Width of the residual stream.")
+    num_layers: int = Field(4, ge=1, description="Number of decoder layers.")
+    num_heads: int = Field(4, ge=1, description="Attention heads per layer (must divide hidden_size).")
+    max_positions: int = Field(512, ge=64, description="Longest sequence (prompt + response) in tokens.")
+
+    @model_validator(mode="after")
+    def _heads_divide_hidden(self) -> TinyModelConfig:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(f"num_heads ({self.num_heads}) must divide hidden_size ({self.hidden_size})")
+        return self
+
+
+class WarmStartConfig(BaseModel):
+    """Supervised warm start: optimisation and the mix of plain and privileged prompts."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(600, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(64, ge=1, description="Examples per step.")
+    lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay to 10%).")
+    warmup: int = Field(30, ge=0, description="Linear warmup steps.")
+    weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
+    grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
+    privileged_fraction: float = Field(
+        0.5, ge=0, le=1, description="Share of examples shown the full privileged prompt (question + reference)."
+    )
+    seed: int = Field(0, description="Seed of the initial weights and the example order.")
+    eval_size: int = Field(200, ge=1, description="Held-out problems for the greedy accuracy written to warmstart.json.")
+
+
+def cache_key(task: ArithmeticTaskConfig, templates: PromptTemplates, model: TinyModelConfig, cfg: WarmStartConfig) -> str:
+    """A short hash of everything that changes the warm start's result."""
+    payload = {
+        "version": WARMSTART_VERSION,
+        "task": task.model_dump(mode="json"),
+        "templates": templates.model_dump(mode="json"),
+        "model": model.model_dump(mode="json"),
+        "warmstart": cfg.model_dump(mode="json"),
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def ensure_warm_start(
+    task: ArithmeticTaskConfig,
+    templates: PromptTemplates,
+    model: TinyModelConfig,
+    cfg: WarmStartConfig,
+    cache_dir: Path,
+    progress: bool = True,
+) -> Path:
+    """Return the warm-started model folder, training and caching it on the first call.
+
+    The folder is built in a temporary directory next to its final place and renamed when
+    complete, so an interrupted run never leaves a partial `warmstart-<hash>` folder.
+    """
+    cache_dir = Path(cache_dir)
+    final = cache_dir / f"warmstart-{cache_key(task, templates, model, cfg)}"
+    if final.is_dir():
+        return final
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=cache_dir))
+    try:
+        _build(task, templates, model, cfg, tmp, progress)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():  # a concurrent run that finished first is fine
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
+def _build(
+    task: ArithmeticTaskConfig, templates: PromptTemplates, shape: TinyModelConfig, cfg: WarmStartConfig, out: Path,
+    progress: bool,
+) -> None:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS)
+    try:
+        start = time.perf_counter()
+        build_tiny_model(out, cfg.seed, shape.hidden_size, shape.num_layers, shape.num_heads, shape.max_positions)
+        model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(out)
+        final_loss = train_sft(model, tokenizer, generate_problems(task, "train"), templates, cfg, progress)
+        train_seconds = time.perf_counter() - start
+        model.save_pretrained(out, safe_serialization=True)
+        eval_problems = generate_problems(task, "eval")[: cfg.eval_size]
+        max_new = max(len(tokenizer(p.reference)["input_ids"]) for p in eval_problems) + 8
+        report = {
+            "params": sum(p.numel() for p in model.parameters()),
+            "final_loss": final_loss,
+            "train_seconds": round(train_seconds, 1),
+            "eval_size": len(eval_problems),
+        }
+        for context in ("plain", "full"):
+            report[f"accuracy_{context}"] = greedy_accuracy(model, tokenizer, eval_problems, templates, context, max_new)
+        report["seconds"] = round(time.perf_counter() - start, 1)
+        (out / "warmstart.json").write_text(json.dumps(report, indent=2) + "\n")
+    finally:
+        torch.set_num_threads(threads)
+
+
+def sft_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response + EOS, and labels with the prompt masked out."""
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    response_ids = tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
+    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+
+
+def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad a list of (input_ids, labels) into tensors for a causal-LM forward."""
+    width = max(len(ids) for ids, _ in examples)
+    input_ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(examples), width), IGNORE_INDEX, dtype=torch.long)
+    attention_mask = torch.zeros((len(examples), width), dtype=torch.long)
+    for row, (ids, labs) in enumerate(examples):
+        input_ids[row, : len(ids)] = torch.tensor(ids)
+        labels[row, : len(labs)] = torch.tensor(labs)
+        attention_mask[row, : len(ids)] = 1
+    return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+
+
+def sft_loss_sum(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed next-token cross-entropy over the unmasked (response) tokens of the batch."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), ignore_index=IGNORE_INDEX, reduction="sum"
+    )
+
+
+def train_sft(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    templates: PromptTemplates,
+    cfg: WarmStartConfig,
+    progress: bool = True,
+) -> float:
+    """Train `model` in place for `cfg.steps` steps; return the mean loss of the last 20 steps."""
+    rng = random.Random(cfg.seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+
+    def lr_factor(step: int) -> float:
+        if step < cfg.warmup:
+            return (step + 1) / cfg.warmup
+        done = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * done))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    model.train()
+    recent: list[float] = []
+    columns = (TextColumn("warm start"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeElapsedColumn())
+    with Progress(*columns, disable=not progress, transient=False) as bar:
+        task_id = bar.add_task("sft", total=cfg.steps, loss="-")
+        for _ in range(cfg.steps):
+            # One forward per context: full prompts are about twice as long as plain ones, so
+            # padding them together would waste a quarter of the compute.
+            by_context: dict[str, list[tuple[list[int], list[int]]]] = {"plain": [], "full": []}
+            for problem in rng.choices(problems, k=cfg.batch_size):
+                context: Context = "full" if rng.random() < cfg.privileged_fraction else "plain"
+                by_context[context].append(sft_example(tokenizer, render(templates, context, problem), problem.reference))
+            optimizer.zero_grad(set_to_none=True)
+            batches = [collate(group, tokenizer.pad_token_id) for group in by_context.values() if group]
+            num_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
+            loss = sum(sft_loss_sum(model, b) for b in batches) / num_targets
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            recent = (recent + [loss.item()])[-20:]
+            bar.update(task_id, advance=1, loss=f"{loss.item():.4f}")
+    model.eval()
+    return sum(recent) / len(recent)
+
+
+def boxed_integer(text: str) -> str | None:
+    """The integer inside the last `\\boxed{...}` of `text`, or None."""
+    found = _BOXED_INT.findall(text)
+    return str(int(found[-1])) if found else None
+
+
+@torch.no_grad()
+def greedy_accuracy(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    problems: list[Problem],
+    templates: PromptTemplates,
+    context: Context,
+    max_new_tokens: int,
+    batch_size: int = 256,
+) -> float:
+    """Share of problems whose greedy response (left-padded batched decoding) boxes the exact answer."""
+    tokenizer.padding_side = "left"
+    model.eval()
+    correct = 0
+    for start in range(0, len(problems), batch_size):
+        chunk = problems[start : start + batch_size]
+        inputs = tokenizer([render(templates, context, p) for p in chunk], return_tensors="pt", padding=True)
+        out = model.generate(
+            **inputs,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        texts = tokenizer.batch_decode(out[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+        correct += sum(boxed_integer(text) == p.answer for text, p in zip(texts, chunk))
+    return correct / len(problems)

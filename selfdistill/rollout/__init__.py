@@ -1,0 +1,1 @@
+"""Rollout: the engine interface, the vLLM and transformers engines, and the Ray actor around them."""

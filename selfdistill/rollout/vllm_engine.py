@@ -1,0 +1,66 @@
+"""The vLLM rollout engine: `vllm.LLM` in this process, token ids in and out.
+
+All vLLM calls go through `rollout.vllm_internals`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from selfdistill.rollout import vllm_internals as vi
+from selfdistill.rollout.base import EngineConfig, Sample, SamplingConfig
+
+
+class VLLMEngine:
+    """`RolloutEngine` on vLLM (see `rollout.base`)."""
+
+    def __init__(self, model_path: str, cfg: EngineConfig):
+        self.llm = vi.make_llm(model_path, cfg)
+        self.checkpoint_names = _checkpoint_names(model_path)
+
+    def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
+        if sampling.seed is None:
+            params = vi.sampling_params(sampling, seed=None)
+        else:  # sample j of prompt i gets seed + i*n + j: no two samples share a stream
+            params = [vi.sampling_params(sampling, seed=sampling.seed + i * sampling.n) for i in range(len(prompts))]
+        return [
+            [
+                Sample(
+                    token_ids=list(c.token_ids),
+                    logprobs=vi.sampled_logprobs(c),
+                    finish_reason=vi.finish_reason(c),
+                    text=c.text,
+                )
+                for c in sorted(out.outputs, key=lambda c: c.index)
+            ]
+            for out in vi.generate(self.llm, prompts, params)
+        ]
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        return [vi.prompt_logprobs(out) for out in vi.generate(self.llm, sequences, vi.scoring_params())]
+
+    def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
+        """Reload every weight in place; raise if the checkpoint's tensors were not all sent.
+
+        vLLM itself only warns about missing tensors and keeps their old values: the
+        stale-weights bug this check turns into an error.
+        """
+        missing = self.checkpoint_names - vi.reload_weights(self.llm, named_tensors)
+        if missing:
+            raise ValueError(
+                f"weight sync incomplete: {len(missing)} of {len(self.checkpoint_names)} checkpoint tensors were not "
+                f"sent and keep their old values, e.g. {sorted(missing)[:3]}"
+            )
+
+
+def _checkpoint_names(model_path: str) -> set[str]:
+    """Tensor names in the model folder's safetensors files (empty for a hub id: no completeness check)."""
+    names: set[str] = set()
+    for file in Path(model_path).glob("*.safetensors"):
+        with safe_open(file, framework="pt") as f:
+            names.update(f.keys())
+    return names

@@ -1,0 +1,179 @@
+"""Every use of vLLM internals and version-sensitive vLLM API, in one module (vLLM 0.32).
+
+A vLLM upgrade should touch this file only. What is used, and why:
+
+- `VLLM_ENABLE_V1_MULTIPROCESSING=0` (read when the engine is built): the engine core runs
+  in the caller's process, so `reload_weights` can take a Python iterator of tensors by
+  reference, and a CPU engine starts in seconds instead of a minute. `make_llm` sets it
+  before it imports vllm; nothing else here imports vllm at module level.
+- `vllm.LLM(...)` keyword arguments: `distributed_executor_backend="uni"` (one worker in
+  this process), `kv_cache_memory_bytes` (the CPU KV cache size; it replaces the legacy
+  `VLLM_CPU_KVCACHE_SPACE`, which, if set, still wins), `logprobs_mode`, and
+  `weight_transfer_config` for the GPU weight-transfer path.
+- `SamplingParams`: `logprobs=0` returns the sampled token's log-prob only;
+  `flat_logprobs=True` returns them as `FlatLogprobs` (flat lists, no dict per token),
+  whose `logprobs[start_indices[i]]` is the sampled (or, for prompts, the actual) token
+  of position i; `prompt_logprobs=0` scores a prompt and skips the prefix cache for that
+  request; `include_stop_str_in_output=True` keeps text and token ids in agreement.
+- `TokensPrompt(prompt_token_ids=...)`: token ids in, no tokenisation.
+- `LLM.collective_rpc("reload_weights", kwargs={"weights_iterator": ...})`: in-place reload
+  from checkpoint-format (Hugging Face named) tensors. It unpacks the CPU kernels' packed
+  linear layers, loads, and repacks them; calling the model's own `load_weights` fails on
+  CPU (packed layers hold empty parameters). Two gaps it leaves, closed here: a tied
+  `lm_head` is not repacked (its CPU kernel keeps the old embedding; fixed with
+  `LLM.apply_model` re-running the layer's `process_weights_after_loading`), and weights
+  it did not receive only get a warning (`reload_weights` returns the names it passed on).
+- `LLM.reset_prefix_cache()`: cached KV blocks were computed with the old weights.
+- RL weight-transfer API (`init_weight_transfer_engine`, `start_weight_update`,
+  `update_weights`, `finish_weight_update(weight_version=...)`): the GPU path, where the
+  learner broadcasts with NCCL or shares CUDA IPC handles; its built-in backends need CUDA.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from vllm import LLM, RequestOutput, SamplingParams
+    from vllm.outputs import CompletionOutput
+
+    from selfdistill.rollout.base import EngineConfig, SamplingConfig
+
+FINISH_REASONS = ("stop", "length")
+
+
+def configure_env() -> None:
+    """Set the environment vLLM must see before it builds an engine (in-process engine core)."""
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+
+
+def make_llm(model_path: str, cfg: EngineConfig) -> LLM:
+    """Build an in-process `vllm.LLM` for a Hugging Face model folder."""
+    configure_env()
+    from vllm import LLM
+
+    kwargs = {}
+    if cfg.kv_cache_gib is not None:
+        kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
+    if cfg.weight_transfer_backend is not None:
+        kwargs["weight_transfer_config"] = {"backend": cfg.weight_transfer_backend}
+    return LLM(
+        model=model_path,
+        dtype=cfg.dtype,
+        seed=cfg.seed,
+        max_model_len=cfg.max_model_len,
+        enforce_eager=cfg.enforce_eager,
+        enable_prefix_caching=cfg.enable_prefix_caching,
+        gpu_memory_utilization=cfg.gpu_memory_utilization,
+        logprobs_mode=cfg.logprobs_mode,
+        distributed_executor_backend="uni",
+        **kwargs,
+    )
+
+
+def sampling_params(sampling: SamplingConfig, seed: int | None) -> SamplingParams:
+    """vLLM sampling params for one prompt: `sampling.n` samples with their token log-probs.
+
+    vLLM gives the n samples of one request seeds seed, seed+1, ..., seed+n-1.
+    """
+    from vllm import SamplingParams
+
+    return SamplingParams(
+        n=sampling.n,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        top_k=sampling.top_k,
+        max_tokens=sampling.max_new_tokens,
+        seed=seed,
+        stop=list(sampling.stop),
+        include_stop_str_in_output=True,
+        logprobs=0,
+        flat_logprobs=True,
+    )
+
+
+def scoring_params() -> SamplingParams:
+    """vLLM params that score the prompt (log-prob of each actual token) and generate one token."""
+    from vllm import SamplingParams
+
+    return SamplingParams(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
+
+
+def generate(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
+    """Run token-id prompts through the engine; outputs come back in prompt order."""
+    from vllm.inputs import TokensPrompt
+
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+
+
+def sampled_logprobs(completion: CompletionOutput) -> list[float]:
+    """Log-prob of each sampled token of one completion (requested with `sampling_params`)."""
+    flat = completion.logprobs
+    return [flat.logprobs[start] for start in flat.start_indices]
+
+
+def prompt_logprobs(output: RequestOutput) -> list[float]:
+    """log p(x_t | x_<t) of each prompt token t >= 1 (requested with `scoring_params`)."""
+    flat = output.prompt_logprobs
+    # position 0 has no log-prob: its range is empty
+    return [flat.logprobs[start] for start in flat.start_indices[1:]]
+
+
+def finish_reason(completion: CompletionOutput) -> str:
+    """'stop' or 'length'; anything else (abort, error, repetition) is an engine failure."""
+    reason = completion.finish_reason
+    if reason not in FINISH_REASONS:
+        raise RuntimeError(f"vLLM ended a sample with finish_reason={reason!r}; expected one of {FINISH_REASONS}")
+    return reason
+
+
+def reload_weights(llm: LLM, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    """Load Hugging Face named tensors into the engine in one in-place reload; return the names passed on.
+
+    The iterator is consumed inside the engine, one tensor at a time. The prefix cache is
+    reset afterwards, since its KV blocks came from the old weights.
+    """
+    names: set[str] = set()
+
+    def recorded() -> Iterator[tuple[str, torch.Tensor]]:
+        for name, tensor in named_tensors:
+            names.add(name)
+            yield name, tensor
+
+    llm.collective_rpc("reload_weights", kwargs={"weights_iterator": recorded()})
+    llm.apply_model(_repack_tied_lm_head)
+    llm.reset_prefix_cache()
+    return names
+
+
+def _repack_tied_lm_head(model: torch.nn.Module) -> None:
+    """Rebuild a tied lm_head's kernel from the reloaded embedding.
+
+    On CPU the lm_head keeps a packed copy of its weight. A tied lm_head receives no
+    tensor of its own during `reload_weights`, so vLLM 0.32 restores it without repacking
+    and the logits keep using the old embedding (stale log-probs after every sync).
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import ParallelLMHead, VocabParallelEmbedding
+
+    embeddings = {id(m.weight) for m in model.modules() if type(m) is VocabParallelEmbedding}
+    for module in model.modules():
+        if isinstance(module, ParallelLMHead) and id(module.weight) in embeddings:
+            module.quant_method.process_weights_after_loading(module)
+
+
+def init_weight_transfer(llm: LLM, init_info: dict) -> None:
+    """GPU path: join the learner's weight-transfer group (backend-specific `init_info`, e.g. NCCL rendezvous)."""
+    llm.init_weight_transfer_engine({"init_info": init_info})
+
+
+def receive_weight_transfer(llm: LLM, update_infos: Iterable[dict], version: int) -> None:
+    """GPU path: receive one weight version chunk by chunk while the learner sends it, then commit it."""
+    llm.start_weight_update()
+    for update_info in update_infos:
+        llm.update_weights({"update_info": update_info})
+    llm.finish_weight_update(weight_version=str(version))
+    llm.reset_prefix_cache()

@@ -1,0 +1,74 @@
+"""The teacher actor: holds a copy of the policy and scores responses under privileged contexts.
+
+Weights follow `teacher.weights`: `live` takes every published version, `frozen` keeps the
+initial weights, `ema` blends each published version into a moving average. One call
+scores every response under every context the objective asked for.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from selfdistill.config import SyncConfig, TeacherConfig
+from selfdistill.data.templates import PromptTemplates
+from selfdistill.learner.sync import build_transport
+from selfdistill.records import Problem, TeacherScores
+from selfdistill.teacher.contexts import prompt_ids
+from selfdistill.teacher.scorer import score_responses
+
+
+class TeacherActor:
+    """Ray actor (created with `ray.remote(TeacherActor)`); see module docstring."""
+
+    def __init__(self, model_path: str, cfg: TeacherConfig, templates: PromptTemplates, temperature: float,
+                 sync: SyncConfig):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        torch.set_num_threads(max(1, int(cfg.num_cpus)))
+        self.cfg, self.templates, self.temperature = cfg, templates, temperature
+        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.transport = build_transport(sync)
+        self.version = 0
+        self.pid = os.getpid()
+
+    def ready(self) -> int:
+        return self.pid
+
+    def score(self, items: list[tuple[Problem, list[int]]], contexts: list[str], alpha: float | None = None
+              ) -> list[TeacherScores]:
+        """Score each (problem, response ids) under every context in `contexts`."""
+        alpha = self.cfg.alpha if alpha is None else alpha
+        full_rows = self.model.config.vocab_size <= self.cfg.full_vocab_max
+        per_context = {}
+        for context in contexts:
+            pairs = [(prompt_ids(self.tokenizer, self.templates, context, p, alpha), r) for p, r in items]
+            per_context[context] = score_responses(
+                self.model, pairs, temperature=self.temperature, top_k=self.cfg.top_k, full_rows=full_rows,
+                pad_id=self.tokenizer.pad_token_id or 0, batch_size=self.cfg.batch_size,
+            )
+        return [TeacherScores({c: per_context[c][i] for c in contexts}, self.version) for i in range(len(items))]
+
+    @torch.no_grad()
+    def load_weights(self, handle, version: int) -> int:
+        """Take published weights according to `teacher.weights`; returns the version now held."""
+        if self.cfg.weights == "frozen":
+            return self.version
+        params = dict(self.model.named_parameters())
+        for name, tensor in self.transport.receive(handle):
+            if name not in params:
+                raise KeyError(f"teacher received unknown parameter {name!r}")
+            if self.cfg.weights == "ema":
+                params[name].mul_(self.cfg.ema_rate).add_(tensor.to(params[name].dtype), alpha=1 - self.cfg.ema_rate)
+            else:
+                params[name].copy_(tensor)
+        self.version = version
+        return version
+
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        """log p(x_t | x_<t) for t >= 1 under the teacher's current weights (temperature 1)."""
+        scores = score_responses(self.model, [(s[:1], s[1:]) for s in sequences], temperature=1.0, top_k=0,
+                                 full_rows=False, pad_id=0, batch_size=self.cfg.batch_size)
+        return [s.token_logprobs.tolist() for s in scores]
