@@ -101,8 +101,8 @@ def test_opsd_one_rank_zero1_then_resume(tmp_path, tiny_model):
     assert latest_checkpoint(cfg.run_dir).name == "step-000005"
 
 
-def test_grpo_two_ranks_zero3(tmp_path, tiny_model):
-    cfg = _config(tmp_path, tiny_model, "learner.num_ranks=2", "learner.zero_stage=3", "objective.name=grpo")
+def test_dasd_two_ranks_zero3(tmp_path, tiny_model):
+    cfg = _config(tmp_path, tiny_model, "learner.num_ranks=2", "learner.zero_stage=3", "objective.name=dasd")
     summary = train(cfg)
     _assert_run(cfg, summary, tiny_model)
 

@@ -1,4 +1,6 @@
-"""`selfdistill train [CONFIG] [section.field=value ...] [--resume runs/NAME]`."""
+"""`selfdistill train [CONFIG] [section.field=value ...] [--resume runs/NAME]`,
+`selfdistill eval CHECKPOINT_OR_CONFIG [field=value ...] [--k K] [--out DIR]`,
+`selfdistill plot RUN_DIR_OR_EVAL [...] [--out FILE]`."""
 
 from __future__ import annotations
 
@@ -14,7 +16,17 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("config", nargs="?", help="YAML config file; omitted: the embedded CPU default")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
     tr.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last checkpoint")
+    ev = sub.add_parser("eval", help="Avg@k, pass@k, maj@k and reasoning health of a checkpoint (see eval/run.py)")
+    ev.add_argument("target", help="Hugging Face model folder (e.g. runs/NAME/checkpoints/step-N) or EvalConfig YAML")
+    ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.temperature=0.6 engine.name=hf")
+    ev.add_argument("--k", type=int, help="samples per problem (default 8)")
+    ev.add_argument("--out", metavar="DIR", help="output folder for results.json and samples.jsonl (default MODEL/eval)")
+    pl = sub.add_parser("plot", help="PNG of training curves (run folders) and pass@k curves (eval results)")
+    pl.add_argument("paths", nargs="+", metavar="PATH", help="run folder (metrics.jsonl) or eval results.json / folder")
+    pl.add_argument("--out", metavar="FILE", help="PNG path (default RUN_DIR/plots.png for one run, else plots.png)")
     args = parser.parse_args(argv)
+    if args.command in ("eval", "plot"):
+        return _eval(args) if args.command == "eval" else _plot(args)
 
     from selfdistill.config import ConfigError, load_config
 
@@ -41,6 +53,36 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"selfdistill: error: {e}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from selfdistill.config import ConfigError
+
+    try:
+        from selfdistill.eval.run import load_eval_config, run_eval, summary_table
+
+        cfg = load_eval_config(args.target, args.overrides, k=args.k, out=args.out)
+        results = run_eval(cfg)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"selfdistill: error: {e}", file=sys.stderr)
+        return 2
+    print(summary_table(results))
+    print(f"results: {cfg.out_dir / 'results.json'}  samples: {cfg.out_dir / 'samples.jsonl'}")
+    return 0
+
+
+def _plot(args: argparse.Namespace) -> int:
+    from selfdistill.eval.plots import plot_runs
+
+    paths = [Path(p) for p in args.paths]
+    out = args.out or (paths[0] / "plots.png" if len(paths) == 1 and paths[0].is_dir() else "plots.png")
+    try:
+        written = plot_runs(paths, out)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"selfdistill: error: {e}", file=sys.stderr)
+        return 2
+    print(f"plot: {written}")
     return 0
 
 

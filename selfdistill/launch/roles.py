@@ -23,7 +23,7 @@ class Roles:
                  resume_from: str | None = None, version: int = 0):
         self.cfg, self.tokenizer, self.contexts, self.version = cfg, tokenizer, contexts, version
         rollout_cls = ray.remote(RolloutActor).options(num_cpus=cfg.rollout.num_cpus_per_engine)
-        self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine) for _ in range(cfg.rollout.num_engines)]
+        self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine, cfg.sync) for _ in range(cfg.rollout.num_engines)]
         self.teacher = None
         if contexts:
             teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus)
@@ -76,6 +76,11 @@ class Roles:
             receivers.append(self.teacher.load_weights.remote(handle, version))
         ray.get(receivers)
         self.version = version
+
+    def save_checkpoint(self, path, client_state: dict) -> None:
+        self.learner.save_checkpoint(str(path), client_state)
+        if self.teacher is not None and self.cfg.teacher.weights == "ema":
+            ray.get(self.teacher.save.remote(str(path / "teacher")))
 
     # ------------------------------------------------------------------ checks
 

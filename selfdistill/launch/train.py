@@ -8,6 +8,7 @@ from pathlib import Path
 from selfdistill.config import TrainConfig, save_config
 from selfdistill.data import PromptSampler, load_split
 from selfdistill.launch.cluster import ray_cluster
+from selfdistill.launch.collect import collect_rollouts
 from selfdistill.launch.console import Console
 from selfdistill.launch.evaluate import greedy_eval
 from selfdistill.launch.model import prepare_model
@@ -25,7 +26,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     eval_problems = load_split(cfg.data, "eval", cfg.run.eval_size)
     initial_model = state.get("initial_model") or prepare_model(cfg, console)
     policy = str(resume_from) if resume_from else initial_model
-    teacher = initial_model if cfg.teacher.weights == "frozen" else policy
+    teacher = {"frozen": initial_model, "live": policy,
+               "ema": str(resume_from / "teacher") if resume_from else initial_model}[cfg.teacher.weights]
     contexts = build_objective(cfg.objective).contexts
     sampler = PromptSampler(train_problems, cfg.run.seed, **state.get("data", {}))
     run_dir, start = cfg.run_dir, state.get("step", 0)
@@ -48,18 +50,14 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
             for step in range(start + 1, cfg.run.steps + 1):
                 t = {}
                 sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.run.seed * 100_003 + step})
-                problems = sampler.next_batch(cfg.rollout.prompts_per_step)
-                with _timed(t, "generate"):
-                    trajs = roles.generate(problems, sampling)
-                with _timed(t, "verify"):
-                    roles.verify(trajs)
+                trajs, collect_info = collect_rollouts(roles, sampler, cfg, sampling, t)
                 with _timed(t, "teacher"):
                     scores = roles.score(trajs)
                 with _timed(t, "train"):
                     train_metrics = roles.train(trajs, scores)
                 with _timed(t, "sync"):
                     roles.publish(version=step)
-                metrics = step_metrics(trajs, train_metrics, t)
+                metrics = {**step_metrics(trajs, train_metrics, t), **collect_info}
                 if cfg.sync.check_every and step % cfg.sync.check_every == 0:
                     metrics["sync/max_logprob_gap"] = roles.sync_gap(probe)
                 log.write(step, metrics)
@@ -67,7 +65,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                 if step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
                     path = checkpoint_dir(run_dir, step)
                     data_state = sampler.state()
-                    roles.learner.save_checkpoint(str(path), {"data": data_state})
+                    roles.save_checkpoint(path, {"data": data_state})
                     write_trainer_state(path, {"step": step, "data": data_state, "initial_model": initial_model,
                                                "eval_before": before})
                     prune_checkpoints(run_dir, cfg.run.keep_checkpoints)

@@ -67,6 +67,11 @@ class TeacherActor:
         self.version = version
         return version
 
+    def save(self, path: str) -> None:
+        """Write the teacher's own weights (needed to resume an EMA teacher) as a Hugging Face folder."""
+        self.model.save_pretrained(path, safe_serialization=True)
+        self.tokenizer.save_pretrained(path)
+
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(x_t | x_<t) for t >= 1 under the teacher's current weights (temperature 1)."""
         scores = score_responses(self.model, [(s[:1], s[1:]) for s in sequences], temperature=1.0, top_k=0,
