@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
@@ -24,6 +24,7 @@ from selfdistill.learner.objectives import ObjectiveConfig
 from selfdistill.models.warmstart import TinyModelConfig, WarmStartConfig
 from selfdistill.rewards import RewardConfig
 from selfdistill.rollout.base import EngineConfig, SamplingConfig
+from selfdistill.teacher.exposure import ExposureConfig
 
 
 class ConfigError(ValueError):
@@ -79,7 +80,7 @@ class RolloutConfig(Strict):
         description="Inference engine (vLLM or HF); eager on the CPU default: starts ~5 s sooner.",
     )
     sampling: SamplingConfig = Field(
-        default_factory=lambda: SamplingConfig(temperature=1.0, max_new_tokens=48, n=4),
+        default_factory=lambda: _DEFAULT_SAMPLING.model_copy(),
         description="Sampling for training rollouts; n is G, responses per prompt.",
     )
     prompts_per_step: int = Field(16, ge=1, description="Prompts per training step (batch = prompts_per_step * n).")
@@ -103,7 +104,10 @@ class TeacherConfig(Strict):
         4096, ge=0, description="Send whole vocabulary rows when the vocabulary is at most this size (tiny models)."
     )
     batch_size: int = Field(64, ge=1, description="Sequences per teacher forward pass.")
-    alpha: float = Field(0.5, ge=0.0, le=1.0, description="Share of reference steps shown by the 'partial' context.")
+    exposure: ExposureConfig = Field(
+        default_factory=ExposureConfig,
+        description="How much of the reference the 'partial' context shows (alpha): fixed, scheduled or learned.",
+    )
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the teacher actor.")
 
 
@@ -162,6 +166,16 @@ class TrainConfig(Strict):
     sync: SyncConfig = Field(default_factory=SyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_response_budget(cls, data: Any) -> Any:
+        """Objectives that normalise by the generation budget (Dr.GRPO, DAPO) default to max_new_tokens."""
+        if not isinstance(data, dict):
+            return data
+        sampling = (data.get("rollout") or {}).get("sampling") or {}
+        budget = sampling.get("max_new_tokens", _DEFAULT_SAMPLING.max_new_tokens)
+        return {**data, "objective": _with_budget(data.get("objective", {"name": "opsd"}), budget)}
+
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":
         if self.rollout.prompts_per_step % self.learner.num_ranks:
@@ -174,22 +188,7 @@ class TrainConfig(Strict):
                 f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be a multiple of "
                 f"rollout.num_engines ({self.rollout.num_engines})"
             )
-        self._fill_response_budget()
         return self
-
-    def _fill_response_budget(self) -> None:
-        """Objectives that normalise by the generation budget (Dr.GRPO, DAPO) default to max_new_tokens."""
-        budget = self.rollout.sampling.max_new_tokens
-
-        def filled(obj):
-            update = {}
-            if "max_response_len" in type(obj).model_fields and obj.max_response_len is None:
-                update["max_response_len"] = budget
-            if obj.name == "mix":
-                update["components"] = [c.model_copy(update={"objective": filled(c.objective)}) for c in obj.components]
-            return obj.model_copy(update=update) if update else obj
-
-        object.__setattr__(self, "objective", filled(self.objective))
 
     @property
     def run_dir(self) -> Path:
@@ -202,6 +201,24 @@ class TrainConfig(Strict):
 
 def _default_objective():
     return TypeAdapter(ObjectiveConfig).validate_python({"name": "opsd"})
+
+
+_DEFAULT_SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=48, n=4)
+_OBJECTIVE_CLASSES = {c.model_fields["name"].default: c for c in get_args(get_args(ObjectiveConfig)[0])}
+
+
+def _with_budget(objective: Any, budget: Any) -> Any:
+    if not isinstance(objective, dict):
+        return objective
+    fields = getattr(_OBJECTIVE_CLASSES.get(objective.get("name")), "model_fields", {})
+    if "max_response_len" in fields and objective.get("max_response_len") is None:
+        objective = {**objective, "max_response_len": budget}
+    if objective.get("name") == "mix" and isinstance(objective.get("components"), list):
+        objective = {**objective, "components": [
+            {**c, "objective": _with_budget(c.get("objective"), budget)} if isinstance(c, dict) else c
+            for c in objective["components"]
+        ]}
+    return objective
 
 
 # --------------------------------------------------------------------------- loading

@@ -41,10 +41,10 @@ def test_schedule_values(kw, total, expected):
 
 
 def test_controller_alpha_bounded_under_adversarial_metrics():
-    c = controller(total_steps=500, alpha_min=0.2, alpha_max=0.7, hold_steps=2, lr=0.5)
+    c = controller(total_steps=300, alpha_min=0.2, alpha_max=0.7, hold_steps=2, lr=0.5)
     rng = np.random.default_rng(0)
     nasty = [math.nan, math.inf, -math.inf, 1e300, -1e300, 0.0, -5.0, 1e-30]
-    for step in range(1, 801):
+    for step in range(1, 401):
         alpha = c.alpha(step)
         assert math.isfinite(alpha) and 0.2 <= alpha <= 0.7
         metrics = {k: float(rng.choice(nasty)) if rng.random() < 0.5 else float(rng.normal(0, 1e3))

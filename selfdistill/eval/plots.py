@@ -97,7 +97,8 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
     for p in map(Path, paths):
         if _is_eval(p):
             results_path = p if p.name == "results.json" else p / "results.json"
-            name = _label(results_path.parent, taken)
+            folder = results_path.parent
+            name = _label(folder.parent if folder.name == "eval" else folder, taken)  # CKPT/eval: named by CKPT
             evals.append((name, json.loads(results_path.read_text())))
         elif (p / "metrics.jsonl").is_file():
             runs.append((_label(p, taken), read_metrics(p)))
@@ -137,7 +138,7 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     if evals:
-        _pass_at_k_panel(flat_axes[len(panels)], evals, colors)
+        _pass_at_k_panel(flat_axes[len(panels)], evals, colors[len(runs) :] + colors[: len(runs)])  # own colours
     for ax in flat_axes[count:]:
         ax.set_visible(False)
 
@@ -161,7 +162,7 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
 
 def _pass_at_k_panel(ax, evals: list[tuple[str, dict[str, Any]]], colors: list[str]) -> None:
     """One evaluation: a line per data set (and the macro mean, dashed); several: one line each."""
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.ticker import FixedLocator, NullLocator
 
     curves = []  # (label, pass@k dict, dashed)
     for name, results in evals:
@@ -170,12 +171,17 @@ def _pass_at_k_panel(ax, evals: list[tuple[str, dict[str, Any]]], colors: list[s
             curves += [(f"{name}: {ds}", m["pass@k"], False) for ds, m in datasets.items()]
         if len(datasets) > 1:
             curves.append((f"{name}: macro of {len(datasets)}", results["macro"]["pass@k"], True))
+    all_ks: set[int] = set()
     for i, (label, values, dashed) in enumerate(curves):
         ks = sorted(int(k) for k in values)
+        all_ks.update(ks)
         ax.plot(ks, [values[str(k)] for k in ks], marker="o", markersize=3, linewidth=1.8,
                 linestyle="--" if dashed else "-", color=colors[i % len(colors)], label=label)
     ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ticks = sorted(all_ks) if len(all_ks) <= 8 else [k for k in sorted(all_ks) if k & (k - 1) == 0]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([str(k) for k in ticks])
     ax.set_title("pass@k (evaluation)", fontsize=11)
     ax.set_xlabel("k (samples per problem)")
     ax.set_ylim(-0.02, 1.02)
@@ -191,9 +197,9 @@ def _first_key(rows: list[dict[str, Any]], keys: tuple[str, ...]) -> str | None:
 
 
 def plot_run(run_dir: str | Path, out: str | Path | None = None) -> Path:
-    """Training curves of one run (plus its evaluations under eval/ if any) as RUN_DIR/plots.png."""
+    """Training curves of one run as RUN_DIR/plots.png (default), with the pass@k curves of any
+    evaluation found in RUN_DIR/eval/ or a checkpoint's eval/ (what `selfdistill eval CKPT` writes)."""
     run_dir = Path(run_dir)
-    paths: list[Path] = [run_dir]
-    if (run_dir / "eval" / "results.json").is_file():
-        paths.append(run_dir / "eval")
+    found = [run_dir / "eval", *sorted((run_dir / "checkpoints").glob("step-*/eval"))]
+    paths = [run_dir, *(p for p in found if (p / "results.json").is_file())]
     return plot_runs(paths, out or run_dir / "plots.png")

@@ -52,7 +52,7 @@ class EvalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: str = Field(..., min_length=1, description="Hugging Face model folder (a checkpoint of a run, or any model).")
+    model: str = Field(..., min_length=1, description="Hugging Face model folder (a run's checkpoint, or any model).")
     datasets: dict[str, DataSource] = Field(
         default_factory=lambda: {"arithmetic": ArithmeticTaskConfig()},
         description="Data sets by name (the name labels results and metric keys). An arithmetic source is scored "
@@ -136,6 +136,15 @@ def evaluate_problems(
     `sampling.n` is replaced by k. With `sampling.seed` set, the prompts of the i-th chunk
     get seed + (chunk start) * k, so no two samples share a random stream and results do not
     depend on `batch_size` (vLLM). Temperature 0: one greedy response repeated k times.
+
+    The training loop passes its rollout actors behind a small adapter, e.g.
+
+        class ActorEngines:  # generate() over Ray rollout actors, prompts split evenly
+            def generate(self, prompts, sampling):
+                chunks = split(prompts, len(actors))  # offset sampling.seed by chunk start * n
+                return [g for out in ray.get([a.generate.remote(c, s) for a, c, s in ...]) for g in out]
+
+    and logs `evaluate_problems(...).flat("eval/")` into metrics.jsonl.
     """
     if not problems:
         raise ValueError(f"evaluate {dataset or 'problems'}: no problems")
@@ -255,6 +264,7 @@ def load_eval_config(
             raise ConfigError(f"eval config {path} must hold a mapping at the top level, got {type(raw).__name__}")
     else:
         raise ConfigError(f"{path}: no such model folder or eval config file")
+    raw.setdefault("datasets", {"arithmetic": {"name": "arithmetic"}})  # so overrides can reach the default
     for item in overrides:
         _apply_override(raw, item)
     if k is not None:
@@ -294,7 +304,8 @@ def run_defaults(checkpoint: Path) -> dict[str, Any]:
 def summary_table(results: dict[str, Any]) -> str:
     """Plain-text table of the headline numbers, one row per data set and the macro mean."""
     k = results["k"]
-    head = f"{'data set':<20} {'n':>5} {f'avg@{k}':>8} {'pass@1':>8} {f'pass@{k}':>8} {f'maj@{k}':>8} {'length':>8} {'trunc':>6}"
+    head = (f"{'data set':<20} {'n':>5} {f'avg@{k}':>8} {'pass@1':>8} {f'pass@{k}':>8} {f'maj@{k}':>8} "
+            f"{'length':>8} {'trunc':>6}")
     rows = [head]
     table = {**results["datasets"], "macro": {"n_problems": "", **results["macro"]}}
     for name, m in table.items():

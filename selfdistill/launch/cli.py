@@ -20,11 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("target", help="Hugging Face model folder (e.g. runs/NAME/checkpoints/step-N) or EvalConfig YAML")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.temperature=0.6 engine.name=hf")
     ev.add_argument("--k", type=int, help="samples per problem (default 8)")
-    ev.add_argument("--out", metavar="DIR", help="output folder for results.json and samples.jsonl (default MODEL/eval)")
+    ev.add_argument("--out", metavar="DIR", help="folder for results.json and samples.jsonl (default MODEL/eval)")
     pl = sub.add_parser("plot", help="PNG of training curves (run folders) and pass@k curves (eval results)")
     pl.add_argument("paths", nargs="+", metavar="PATH", help="run folder (metrics.jsonl) or eval results.json / folder")
     pl.add_argument("--out", metavar="FILE", help="PNG path (default RUN_DIR/plots.png for one run, else plots.png)")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.command == "eval" and not any(a.startswith("-") for a in extra):  # overrides after --k/--out
+        args.overrides, extra = [*args.overrides, *extra], []
+    if extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command in ("eval", "plot"):
         return _eval(args) if args.command == "eval" else _plot(args)
 

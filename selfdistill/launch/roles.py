@@ -59,11 +59,11 @@ class Roles:
         for t, r in zip(trajs, results):
             t.reward, t.verify_status = r.reward, r.status
 
-    def score(self, trajs: list[Trajectory]) -> list[TeacherScores] | None:
+    def score(self, trajs: list[Trajectory], alpha: float | None) -> list[TeacherScores] | None:
         if self.teacher is None:
             return None
         items = [(t.problem, t.response_ids) for t in trajs]
-        return ray.get(self.teacher.score.remote(items, list(self.contexts)))
+        return ray.get(self.teacher.score.remote(items, list(self.contexts), alpha))
 
     def train(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
         return self.learner.train_step(trajs, scores)

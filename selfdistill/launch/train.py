@@ -16,6 +16,7 @@ from selfdistill.launch.run_dir import (MetricsLog, checkpoint_dir, prune_checkp
                                         write_trainer_state)
 from selfdistill.launch.step_metrics import step_metrics
 from selfdistill.learner.objectives import build_objective
+from selfdistill.teacher.exposure import ExposureController
 
 
 def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
@@ -30,6 +31,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                "ema": str(resume_from / "teacher") if resume_from else initial_model}[cfg.teacher.weights]
     contexts = build_objective(cfg.objective).contexts
     sampler = PromptSampler(train_problems, cfg.run.seed, **state.get("data", {}))
+    exposure = ExposureController(cfg.teacher.exposure, cfg.run.steps)
+    if "exposure" in state:
+        exposure.load_state_dict(state["exposure"])
     run_dir, start = cfg.run_dir, state.get("step", 0)
     save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, start)
@@ -52,12 +56,14 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                 sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.run.seed * 100_003 + step})
                 trajs, collect_info = collect_rollouts(roles, sampler, cfg, sampling, t)
                 with _timed(t, "teacher"):
-                    scores = roles.score(trajs)
+                    scores = roles.score(trajs, alpha=exposure.alpha(step) if "partial" in contexts else None)
                 with _timed(t, "train"):
                     train_metrics = roles.train(trajs, scores)
                 with _timed(t, "sync"):
                     roles.publish(version=step)
                 metrics = {**step_metrics(trajs, train_metrics, t), **collect_info}
+                if "partial" in contexts:
+                    metrics.update(exposure.observe(step, metrics))
                 if cfg.sync.check_every and step % cfg.sync.check_every == 0:
                     metrics["sync/max_logprob_gap"] = roles.sync_gap(probe)
                 log.write(step, metrics)
@@ -67,7 +73,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                     data_state = sampler.state()
                     roles.save_checkpoint(path, {"data": data_state})
                     write_trainer_state(path, {"step": step, "data": data_state, "initial_model": initial_model,
-                                               "eval_before": before})
+                                               "eval_before": before, "exposure": exposure.state_dict()})
                     prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
         after = greedy_eval(roles, eval_problems, cfg)
         pids = roles.pids

@@ -37,10 +37,8 @@ class TeacherActor:
     def ready(self) -> int:
         return self.pid
 
-    def score(self, items: list[tuple[Problem, list[int]]], contexts: list[str], alpha: float | None = None
-              ) -> list[TeacherScores]:
-        """Score each (problem, response ids) under every context in `contexts`."""
-        alpha = self.cfg.alpha if alpha is None else alpha
+    def score(self, items: list[tuple[Problem, list[int]]], contexts: list[str], alpha: float | None) -> list[TeacherScores]:
+        """Score each (problem, response ids) under every context in `contexts` ("partial" shows alpha of the steps)."""
         full_rows = self.model.config.vocab_size <= self.cfg.full_vocab_max
         per_context = {}
         for context in contexts:

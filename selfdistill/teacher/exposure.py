@@ -66,7 +66,7 @@ class ExposureConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     policy: Literal["fixed", "schedule", "controller"] = Field(
-        "fixed", description="fixed: constant alpha; schedule: linear from start to end; controller: learned Beta policy."
+        "fixed", description="fixed: constant alpha; schedule: linear from start to end; controller: Beta policy."
     )
     alpha: float = Field(0.5, ge=0.0, le=1.0, description="fixed: the alpha used at every step (paper's best: 0.5).")
     schedule_start: float = Field(
@@ -76,16 +76,16 @@ class ExposureConfig(BaseModel):
     schedule_steps: int | None = Field(
         None, ge=1, description="schedule: steps over which alpha moves from start to end (None: the whole run)."
     )
-    alpha_min: float = Field(0.1, ge=0.0, le=1.0, description="Lowest alpha any policy may use (controller draws are clipped).")
-    alpha_max: float = Field(1.0, ge=0.0, le=1.0, description="Highest alpha any policy may use (controller draws are clipped).")
+    alpha_min: float = Field(0.1, ge=0.0, le=1.0, description="Lowest alpha used (controller draws are clipped).")
+    alpha_max: float = Field(1.0, ge=0.0, le=1.0, description="Highest alpha used (controller draws are clipped).")
     hold_steps: int = Field(
         4, ge=2, description="controller: H, training updates one draw is held for (>= 2: the reward is the loss "
         "decrease inside the window).",
     )
     gamma: float = Field(0.9, gt=0.0, le=1.0, description="controller: discount of later loss decreases in a window.")
     answer_weight: float = Field(
-        0.1, ge=0.0, description="controller: lambda, weight of the increase of the teacher's reference-answer log-prob "
-        "in the reward (used only when observe() is given answer_logprob).",
+        0.1, ge=0.0, description="controller: lambda, weight in the reward of the increase of the teacher's log-prob "
+        "of the reference answer (used only when observe() is given answer_logprob).",
     )
     lr: float = Field(1e-2, gt=0.0, description="controller: Adam learning rate of the MLP.")
     hidden_size: int = Field(32, ge=1, description="controller: width of the MLP's single tanh hidden layer.")
@@ -94,12 +94,12 @@ class ExposureConfig(BaseModel):
         0.9, gt=0.0, lt=1.0, description="controller: decay of the running reward mean and variance (advantages)."
     )
     entropy_floor: float = Field(
-        -1.0, description="controller: Beta entropy (nats) below which the hinge penalty pushes back; Beta(1, 1) has 0."
+        -1.0, description="controller: Beta entropy (nats) below which a hinge penalty pushes back; Beta(1, 1): 0."
     )
     entropy_coef: float = Field(1.0, ge=0.0, description="controller: weight of the entropy-floor hinge.")
     loss_key: str = Field("train/loss", description="controller: metric holding the distillation loss.")
     kl_key: str = Field("train/teacher_student_kl/partial", description="controller: metric holding the mismatch.")
-    entropy_key: str = Field("train/entropy", description="controller: metric holding the student's mean token entropy.")
+    entropy_key: str = Field("train/entropy", description="controller: metric of the student's mean token entropy.")
     seed: int = Field(0, description="controller: seed of the Beta draws and of the MLP initialisation.")
 
     @model_validator(mode="after")
@@ -110,7 +110,8 @@ class ExposureConfig(BaseModel):
         for name in used:
             value = getattr(self, name)
             if not self.alpha_min <= value <= self.alpha_max:
-                raise ValueError(f"{name} ({value}) must lie in [alpha_min, alpha_max] = [{self.alpha_min}, {self.alpha_max}]")
+                raise ValueError(
+                    f"{name} ({value}) must lie in [alpha_min, alpha_max] = [{self.alpha_min}, {self.alpha_max}]")
         return self
 
 
@@ -174,7 +175,8 @@ class ExposureController:
         d = self._decision
         if d is None or not d.start <= step < d.start + self.cfg.hold_steps:
             raise ValueError(f"observe(step={step}): no exposure decision covers this step; call alpha({step}) first")
-        loss, kl, entropy = (_finite(metrics.get(k)) for k in (self.cfg.loss_key, self.cfg.kl_key, self.cfg.entropy_key))
+        keys = (self.cfg.loss_key, self.cfg.kl_key, self.cfg.entropy_key)
+        loss, kl, entropy = (_finite(metrics.get(k)) for k in keys)
         self._update_ema("alpha", d.alpha)
         self._update_ema("loss", loss)
         self._update_ema("kl", kl)
@@ -204,7 +206,8 @@ class ExposureController:
 
     def load_state_dict(self, d: dict) -> None:
         if d.get("policy") != self.cfg.policy:
-            raise ValueError(f"exposure state was saved with policy {d.get('policy')!r}, config has {self.cfg.policy!r}")
+            raise ValueError(
+                f"exposure state was saved with policy {d.get('policy')!r}, the config has {self.cfg.policy!r}")
         if self.cfg.policy != "controller":
             return
         blob = torch.load(io.BytesIO(base64.b64decode(d["torch"])), weights_only=True)
@@ -215,7 +218,7 @@ class ExposureController:
         self._reward_stats = list(d["reward_stats"]) if d["reward_stats"] is not None else None
         self._decision = _Decision(**d["decision"]) if d["decision"] else None
 
-    # ----------------------------------------------------------------------------- controller
+    # ----------------------------------------------------------------------------- internals
 
     def _clip(self, alpha: float) -> float:
         return min(max(alpha, self.cfg.alpha_min), self.cfg.alpha_max)
