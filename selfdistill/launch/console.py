@@ -47,8 +47,9 @@ class Console:
         table = Table(title="selfdistill run summary")
         table.add_column("metric")
         table.add_column("value", justify="right")
-        table.add_row("held-out greedy accuracy, before", f"{summary['accuracy_before']:.3f}")
-        table.add_row("held-out greedy accuracy, after", f"{summary['accuracy_after']:.3f}")
+        key = summary["accuracy_key"]
+        table.add_row(f"held-out {key}, before training", f"{summary['accuracy_before']:.3f}")
+        table.add_row(f"held-out {key}, after training", f"{summary['accuracy_after']:.3f}")
         table.add_row("held-out problems", str(summary["eval_problems"]))
         if rows:
             first, last = rows[0], rows[-1]
@@ -59,4 +60,5 @@ class Console:
             table.add_row("mean seconds per step", f"{mean_step:.2f}")
         table.add_row("run folder", summary["run_dir"])
         table.add_row("last checkpoint", summary["checkpoint"])
+        table.add_row("plots", summary["plot"])
         self.rich.print(table)

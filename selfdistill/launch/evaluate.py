@@ -1,16 +1,24 @@
-"""Held-out greedy accuracy through the rollout engines and the verifier."""
+"""Held-out evaluation during training, through the run's own rollout engines and verifier."""
 
 from __future__ import annotations
 
 from selfdistill.config import TrainConfig
+from selfdistill.eval.run import evaluate_problems
 from selfdistill.records import Problem
 
 
-def greedy_eval(roles, problems: list[Problem], cfg: TrainConfig) -> dict:
-    """Greedy (temperature 0) decoding of the plain prompt, scored by the verifier."""
+class _RolloutEngines:
+    """The engine interface `evaluate_problems` expects, over the run's rollout actors."""
+
+    def __init__(self, roles):
+        self.generate = roles.sample
+
+
+def held_out_eval(roles, problems: list[Problem], cfg: TrainConfig) -> dict[str, float]:
+    """Avg@k, pass@k, maj@k and reasoning health on the held-out split (greedy by default)."""
     if not problems:
-        return {"accuracy": float("nan"), "n": 0}
-    sampling = cfg.rollout.sampling.model_copy(update={"temperature": 0.0, "n": 1, "seed": cfg.run.seed})
-    trajs = roles.generate(problems, sampling)
-    roles.verify(trajs)
-    return {"accuracy": sum(t.verify_status == "correct" for t in trajs) / len(trajs), "n": len(trajs)}
+        return {}
+    sampling = cfg.rollout.sampling.model_copy(update={"temperature": cfg.run.eval_temperature, "seed": cfg.run.seed})
+    result = evaluate_problems(_RolloutEngines(roles), roles.verifier, roles.tokenizer, cfg.templates, problems,
+                               cfg.run.eval_k, sampling, dataset=cfg.data.name)
+    return result.flat("eval/")

@@ -13,7 +13,7 @@ from selfdistill.learner.group import LearnerGroup
 from selfdistill.records import Problem, TeacherScores, Trajectory
 from selfdistill.rewards import build_reward
 from selfdistill.rollout.actor import RolloutActor
-from selfdistill.rollout.base import SamplingConfig
+from selfdistill.rollout.base import Sample, SamplingConfig
 from selfdistill.teacher.actor import TeacherActor
 from selfdistill.teacher.contexts import prompt_ids
 
@@ -38,20 +38,26 @@ class Roles:
 
     # ------------------------------------------------------------------ stages
 
+    def sample(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
+        """`sampling.n` samples per prompt, prompts split evenly across engines (each chunk its own seeds)."""
+        chunks = _split(list(range(len(prompts))), len(self.engines))
+        refs = []
+        for engine, idx in zip(self.engines, chunks):
+            seed = None if sampling.seed is None else sampling.seed + (idx[0] if idx else 0) * sampling.n
+            refs.append(engine.generate.remote([prompts[i] for i in idx], sampling.model_copy(update={"seed": seed})))
+        return [samples for out in ray.get(refs) for samples in out]
+
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
-        """Sample `sampling.n` responses per problem; one group per problem."""
+        """Sample `sampling.n` responses per problem under the plain prompt; one group per problem."""
         prompts = [prompt_ids(self.tokenizer, self.cfg.templates, "plain", p) for p in problems]
-        chunks = _split(list(range(len(problems))), len(self.engines))
-        refs = [e.generate.remote([prompts[i] for i in idx], sampling) for e, idx in zip(self.engines, chunks)]
         trajs = []
-        for idx, samples_per_prompt in zip(chunks, ray.get(refs)):
-            for i, samples in zip(idx, samples_per_prompt):
-                for s in samples:
-                    trajs.append(Trajectory(
-                        problem=problems[i], group=i, prompt_ids=prompts[i], response_ids=list(s.token_ids),
-                        sampling_logprobs=list(s.logprobs), finish_reason=s.finish_reason,
-                        weight_version=self.version, text=s.text,
-                    ))
+        for i, samples in enumerate(self.sample(prompts, sampling)):
+            for s in samples:
+                trajs.append(Trajectory(
+                    problem=problems[i], group=i, prompt_ids=prompts[i], response_ids=list(s.token_ids),
+                    sampling_logprobs=list(s.logprobs), finish_reason=s.finish_reason,
+                    weight_version=self.version, text=s.text,
+                ))
         return trajs
 
     def verify(self, trajs: list[Trajectory]) -> None:

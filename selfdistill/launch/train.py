@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,11 +11,12 @@ from selfdistill.data import PromptSampler, load_split
 from selfdistill.launch.cluster import ray_cluster
 from selfdistill.launch.collect import collect_rollouts
 from selfdistill.launch.console import Console
-from selfdistill.launch.evaluate import greedy_eval
+from selfdistill.launch.evaluate import held_out_eval
 from selfdistill.launch.model import prepare_model
 from selfdistill.launch.run_dir import (MetricsLog, checkpoint_dir, prune_checkpoints, read_trainer_state,
                                         write_trainer_state)
 from selfdistill.launch.step_metrics import step_metrics
+from selfdistill.eval.plots import plot_run
 from selfdistill.learner.objectives import build_objective
 from selfdistill.teacher.exposure import ExposureController
 
@@ -47,8 +49,10 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     with ray_cluster(cfg.cluster.address, num_cpus):
         console.status("starting Ray actors (vLLM engines, teacher, DeepSpeed ranks)")
         roles = Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start)
-        before = state.get("eval_before") or greedy_eval(roles, eval_problems, cfg)
-        console.note(f"held-out greedy accuracy before training: {before['accuracy']:.3f} (n={before['n']})")
+        before = state.get("eval_before") or held_out_eval(roles, eval_problems, cfg)
+        accuracy_key = f"eval/avg@{cfg.run.eval_k}"
+        console.note(f"held-out accuracy before training ({accuracy_key}): {before.get(accuracy_key, float('nan')):.3f} "
+                     f"on {len(eval_problems)} problems")
         probe = tokenizer(eval_problems[0].question + eval_problems[0].reference)["input_ids"]
         with console.progress(cfg.run.steps, start) as bar:
             for step in range(start + 1, cfg.run.steps + 1):
@@ -64,6 +68,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                 metrics = {**step_metrics(trajs, train_metrics, t), **collect_info}
                 if "partial" in contexts:
                     metrics.update(exposure.observe(step, metrics))
+                if cfg.run.eval_every and step % cfg.run.eval_every == 0:
+                    metrics.update(held_out_eval(roles, eval_problems, cfg))
                 if cfg.sync.check_every and step % cfg.sync.check_every == 0:
                     metrics["sync/max_logprob_gap"] = roles.sync_gap(probe)
                 log.write(step, metrics)
@@ -75,13 +81,17 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                     write_trainer_state(path, {"step": step, "data": data_state, "initial_model": initial_model,
                                                "eval_before": before, "exposure": exposure.state_dict()})
                     prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
-        after = greedy_eval(roles, eval_problems, cfg)
+        after = held_out_eval(roles, eval_problems, cfg)
         pids = roles.pids
         roles.close()
     log.close()
-    summary = {"run_dir": str(run_dir), "steps": cfg.run.steps, "accuracy_before": before["accuracy"],
-               "accuracy_after": after["accuracy"], "eval_problems": after["n"], "pids": pids,
-               "checkpoint": str(checkpoint_dir(run_dir, cfg.run.steps))}
+    plot_run(run_dir)
+    summary = {"run_dir": str(run_dir), "steps": cfg.run.steps, "accuracy_key": accuracy_key,
+               "accuracy_before": before.get(accuracy_key, float("nan")),
+               "accuracy_after": after.get(accuracy_key, float("nan")), "eval_before": before, "eval_after": after,
+               "eval_problems": len(eval_problems), "pids": pids, "checkpoint": str(checkpoint_dir(run_dir, cfg.run.steps)),
+               "plot": str(run_dir / "plots.png")}
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.summary(summary, log.path)
     return summary
 
