@@ -74,14 +74,15 @@ class Roles:
     def train(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
         return self.learner.train_step(trajs, scores)
 
-    def publish(self, version: int) -> None:
+    def publish(self, version: int) -> dict[str, float]:
         """Learner -> every engine and the teacher; all receivers hold `version` on return."""
-        handle = self.learner.publish(version)
+        handle, stats = self.learner.publish(version)
         receivers = [e.load_weights.remote(handle, version) for e in self.engines]
         if self.teacher is not None:
             receivers.append(self.teacher.load_weights.remote(handle, version))
         ray.get(receivers)
         self.version = version
+        return stats
 
     def save_checkpoint(self, path, client_state: dict) -> None:
         self.learner.save_checkpoint(str(path), client_state)

@@ -21,6 +21,8 @@ def step_metrics(trajs: list[Trajectory], train: dict[str, float], seconds: dict
         **{f"time/{k}": v for k, v in seconds.items()},
         "time/step": sum(seconds.values()),
     }
-    if seconds.get("generate"):
-        out["throughput/generate_tokens_per_s"] = sum(lengths) / seconds["generate"]
+    tokens = {"generate": sum(lengths), "teacher": sum(lengths), "train": sum(lengths) + sum(len(t.prompt_ids) for t in trajs)}
+    for stage, count in tokens.items():
+        if seconds.get(stage):
+            out[f"throughput/{stage}_tokens_per_s"] = count / seconds[stage]
     return out

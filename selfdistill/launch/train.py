@@ -64,8 +64,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                 with _timed(t, "train"):
                     train_metrics = roles.train(trajs, scores)
                 with _timed(t, "sync"):
-                    roles.publish(version=step)
-                metrics = {**step_metrics(trajs, train_metrics, t), **collect_info}
+                    sync_info = roles.publish(version=step)
+                metrics = {**step_metrics(trajs, train_metrics, t), **collect_info, **sync_info}
                 if "partial" in contexts:
                     metrics.update(exposure.observe(step, metrics))
                 if cfg.run.eval_every and step % cfg.run.eval_every == 0:

@@ -161,10 +161,19 @@ class LearnerActor:
                 size += numel * 4
 
     def publish(self, version: int):
-        """Publish the current weights; rank 0 returns the transport handle, other ranks None."""
-        buckets = self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20))
+        """Publish the current weights; rank 0 returns (transport handle, stats), other ranks None."""
+        stats = {"sync/bytes": 0, "sync/buckets": 0}
+
+        def counted(buckets):
+            for bucket in buckets:
+                stats["sync/bytes"] += sum(t.numel() * t.element_size() for t in bucket.values())
+                stats["sync/buckets"] += 1
+                yield bucket
+
+        buckets = counted(self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20)))
         if self.rank == 0:
-            return self.transport.publish(buckets, version)
+            handle = self.transport.publish(buckets, version)
+            return handle, stats
         for _ in buckets:  # take part in the ZeRO-3 gathers
             pass
         return None

@@ -38,7 +38,7 @@ class LearnerGroup:
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
     def publish(self, version: int):
-        """Gather and publish weights; returns the transport handle (from rank 0)."""
+        """Gather and publish weights; returns rank 0's (transport handle, byte and bucket counts)."""
         return ray.get([a.publish.remote(version) for a in self.actors])[0]
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
