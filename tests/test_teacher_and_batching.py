@@ -1,0 +1,111 @@
+"""Teacher scoring, teacher weight modes, learner batching and the prompt sampler (no Ray)."""
+
+import numpy as np
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from selfdistill.config import SyncConfig, TeacherConfig
+from selfdistill.data import PromptSampler
+from selfdistill.data.templates import PromptTemplates
+from selfdistill.learner.batching import collate
+from selfdistill.models.tiny import build_tiny_model
+from selfdistill.records import ContextScores, Problem, TeacherScores, Trajectory
+from selfdistill.teacher.actor import TeacherActor
+from selfdistill.teacher.scorer import score_responses
+
+PROBLEM = Problem("p0", "(3+4)*2", "3+4=7\n7*2=14\n\\boxed{14}", "14")
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return build_tiny_model(tmp_path_factory.mktemp("m") / "tiny", seed=0, hidden_size=32, num_layers=1, num_heads=2)
+
+
+def test_scorer_matches_a_plain_forward(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    prompt, response = [5, 6, 7], [8, 9]
+    (scores,) = score_responses(model, [(prompt, response)], temperature=2.0, top_k=3, full_rows=True, pad_id=0,
+                                batch_size=4)
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt + response])).logits[0] / 2.0
+    logp = torch.log_softmax(logits, -1)
+    # response token t is predicted at position len(prompt) - 1 + t
+    expected = [logp[2, 8].item(), logp[3, 9].item()]
+    np.testing.assert_allclose(scores.token_logprobs, expected, atol=1e-5)
+    np.testing.assert_allclose(scores.full_logprobs, logp[2:4].numpy(), atol=1e-5)
+    entropy = -(logp[2:4].exp() * logp[2:4]).sum(-1)
+    np.testing.assert_allclose(scores.entropy, entropy.numpy(), atol=1e-5)
+    top = logp[2].topk(3)
+    np.testing.assert_array_equal(scores.support_ids[0], top.indices.numpy())
+
+
+def test_padding_does_not_change_scores(model_dir):
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    short, long_ = ([5, 6], [7, 8, 9]), ([5, 6, 7, 8, 9, 10], [11])
+    alone = score_responses(model, [short], temperature=1.0, top_k=0, full_rows=False, pad_id=0, batch_size=1)
+    batched = score_responses(model, [short, long_], temperature=1.0, top_k=0, full_rows=False, pad_id=0,
+                              batch_size=2)
+    np.testing.assert_allclose(alone[0].token_logprobs, batched[0].token_logprobs, atol=1e-5)
+
+
+def _teacher(model_dir, weights):
+    return TeacherActor(str(model_dir), TeacherConfig(weights=weights, ema_rate=0.75), PromptTemplates(), 1.0,
+                        SyncConfig())
+
+
+def test_privileged_context_changes_the_teacher(model_dir):
+    teacher = _teacher(model_dir, "live")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    response = tok("3+4=7", add_special_tokens=False)["input_ids"]
+    (scores,) = teacher.score([(PROBLEM, response)], ["none", "full", "partial", "reference_only"], alpha=0.5)
+    none, full = scores.contexts["none"].token_logprobs, scores.contexts["full"].token_logprobs
+    assert not np.allclose(none, full)
+    assert set(scores.contexts) == {"none", "full", "partial", "reference_only"}
+    with pytest.raises(ValueError, match="alpha"):
+        teacher.score([(PROBLEM, response)], ["partial"], alpha=None)
+
+
+@pytest.mark.parametrize("mode", ["live", "frozen", "ema"])
+def test_teacher_weight_modes(model_dir, mode):
+    teacher = _teacher(model_dir, mode)
+    name = "model.norm.weight"
+    old = dict(teacher.model.named_parameters())[name].detach().clone()
+    new_state = {n: torch.full_like(p, 2.0) for n, p in teacher.model.named_parameters()}
+    version = teacher.load_weights([new_state], version=7)
+    got = dict(teacher.model.named_parameters())[name].detach()
+    expected = {"live": torch.full_like(old, 2.0), "frozen": old, "ema": 0.75 * old + 0.25 * 2.0}[mode]
+    torch.testing.assert_close(got, expected)
+    assert version == (0 if mode == "frozen" else 7)
+
+
+def _traj(group, prompt, response, reward):
+    return Trajectory(problem=PROBLEM, group=group, prompt_ids=prompt, response_ids=response,
+                      sampling_logprobs=[-0.5] * len(response), finish_reason="stop", weight_version=0, reward=reward)
+
+
+def test_collate_aligns_response_tokens():
+    trajs = [_traj(0, [1, 2, 3], [4, 5], 1.0), _traj(1, [1], [6, 7, 8], 0.0)]
+    scores = [TeacherScores({"full": ContextScores(np.array([-1.0, -2.0], np.float32), np.zeros(2, np.float32),
+                                                   np.zeros((2, 0), np.int64), np.zeros((2, 0), np.float32))}, 0),
+              TeacherScores({"full": ContextScores(np.array([-3.0, -4.0, -5.0], np.float32), np.zeros(3, np.float32),
+                                                   np.zeros((3, 0), np.int64), np.zeros((3, 0), np.float32))}, 0)]
+    b = collate(trajs, scores, pad_id=0)
+    assert b.input_ids.tolist() == [[1, 2, 3, 4, 5], [1, 6, 7, 8, 0]]
+    assert b.tokens.tolist() == [[4, 5, 0], [6, 7, 8]]
+    assert b.mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    # logits at position i predict token i + 1
+    assert b.response_index.tolist() == [[2, 3, 0], [0, 1, 2]]
+    assert b.teacher["full"].token_logprobs.tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
+    assert b.rewards.tolist() == [1.0, 0.0] and b.group_ids.tolist() == [0, 1]
+
+
+def test_sampler_is_deterministic_and_resumable():
+    problems = [Problem(str(i), str(i), "", str(i)) for i in range(5)]
+    a = PromptSampler(problems, seed=3)
+    first = [p.uid for p in a.next_batch(7)]
+    assert sorted(first[:5]) == [str(i) for i in range(5)]  # an epoch visits every problem once
+    resumed = PromptSampler(problems, seed=3, **a.state())
+    assert [p.uid for p in a.next_batch(6)] == [p.uid for p in resumed.next_batch(6)]
+    with pytest.raises(ValueError, match="empty"):
+        PromptSampler([], seed=0)
