@@ -28,9 +28,9 @@ class ArithmeticTaskConfig(BaseModel):
     min_steps: int = Field(2, ge=1, description="Fewest operations (reference lines before the boxed one).")
     max_steps: int = Field(3, ge=1, description="Most operations; the count is drawn uniformly in [min, max].")
     operand_max: int = Field(
-        20, ge=2, description="Start value and +/- operands are drawn uniformly in [1, operand_max]."
+        15, ge=2, description="Start value and +/- operands are drawn uniformly in [1, operand_max]."
     )
-    multiplier_max: int = Field(9, ge=2, description="Multiplication operands are drawn uniformly in [2, multiplier_max].")
+    multiplier_max: int = Field(4, ge=2, description="Multiplication operands are drawn uniformly in [2, multiplier_max].")
     operators: tuple[Operator, ...] = Field(
         ("+", "-", "*"), description="Operators drawn uniformly for each step (repeats raise their weight)."
     )

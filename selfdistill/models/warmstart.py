@@ -59,10 +59,10 @@ class WarmStartConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    steps: int = Field(600, ge=1, description="Optimizer steps.")
-    batch_size: int = Field(64, ge=1, description="Examples per step.")
+    steps: int = Field(1000, ge=1, description="Optimizer steps.")
+    batch_size: int = Field(32, ge=1, description="Examples per step.")
     lr: float = Field(3e-3, gt=0, description="Peak AdamW learning rate (linear warmup, cosine decay to 10%).")
-    warmup: int = Field(30, ge=0, description="Linear warmup steps.")
+    warmup: int = Field(20, ge=0, description="Linear warmup steps.")
     weight_decay: float = Field(0.01, ge=0, description="AdamW weight decay.")
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     privileged_fraction: float = Field(
