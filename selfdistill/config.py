@@ -26,6 +26,7 @@ from selfdistill.learner.objectives import ObjectiveConfig
 from selfdistill.models.warmstart import TinyModelConfig, WarmStartConfig
 from selfdistill.rewards import RewardConfig
 from selfdistill.rollout.base import EngineConfig, SamplingConfig
+from selfdistill.teacher.contexts import ChatConfig
 from selfdistill.teacher.exposure import ExposureConfig
 
 
@@ -179,6 +180,7 @@ class TrainConfig(Strict):
     model: ModelSource = Field(default_factory=TinyModel)
     data: DataSource = Field(default_factory=ArithmeticTaskConfig, description="Training prompts.")
     templates: PromptTemplates = Field(default_factory=PromptTemplates)
+    chat: ChatConfig = Field(default_factory=ChatConfig, description="Whether rendered prompts go through the model's chat template.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
@@ -195,7 +197,10 @@ class TrainConfig(Strict):
             return data
         sampling = (data.get("rollout") or {}).get("sampling") or {}
         budget = sampling.get("max_new_tokens", _DEFAULT_SAMPLING.max_new_tokens)
-        return {**data, "objective": _with_budget(data.get("objective", {"name": "opsd"}), budget)}
+        objective = data.get("objective", {})
+        if isinstance(objective, dict) and "name" not in objective:  # fields of the default objective
+            objective = {"name": "opsd", **objective}
+        return {**data, "objective": _with_budget(objective, budget)}
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":
@@ -248,7 +253,7 @@ def _with_budget(objective: Any, budget: Any) -> Any:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Load a YAML file (or the embedded default when `path` is None) and apply `a.b=value` overrides."""
     raw: dict[str, Any] = {}
-    where = "the default config"
+    where = "config (defaults + overrides)"
     if path is not None:
         where = str(path)
         p = Path(path)

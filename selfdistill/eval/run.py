@@ -41,7 +41,7 @@ from selfdistill.eval.metrics import avg_at_k, maj_at_k, macro_average, pass_at_
 from selfdistill.records import Problem
 from selfdistill.rewards import RewardConfig, VerifyResult, extract_boxed, status_counts
 from selfdistill.rollout.base import EngineConfig, Sample, SamplingConfig
-from selfdistill.teacher.contexts import prompt_ids
+from selfdistill.teacher.contexts import ChatConfig, prompt_ids
 
 DataSource = Annotated[Union[ArithmeticTaskConfig, FileSourceConfig], Field(discriminator="name")]
 _DATASET_NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -70,6 +70,7 @@ class EvalConfig(BaseModel):
         default_factory=PromptTemplates, description="Prompt templates; the plain template is the prompt."
     )
     reward: RewardConfig = Field(default_factory=RewardConfig, description="Verifier that scores the responses.")
+    chat: ChatConfig = Field(default_factory=ChatConfig, description="Whether prompts go through the chat template.")
     health: HealthConfig = Field(default_factory=HealthConfig, description="Reasoning-health metric settings.")
     batch_size: int = Field(64, ge=1, description="Prompts per engine call (each with k samples).")
     output_dir: str | None = Field(None, description="Where results.json and samples.jsonl go; None: MODEL/eval.")
@@ -130,6 +131,7 @@ def evaluate_problems(
     health: HealthConfig = HealthConfig(),
     batch_size: int = 64,
     dataset: str = "",
+    chat: ChatConfig | None = None,
 ) -> DatasetEval:
     """Sample `k` responses per problem under the plain prompt, verify them, compute every metric.
 
@@ -150,7 +152,7 @@ def evaluate_problems(
         raise ValueError(f"evaluate {dataset or 'problems'}: no problems")
     greedy = sampling.temperature == 0
     draw = 1 if greedy else k
-    prompts = [prompt_ids(tokenizer, templates, "plain", p) for p in problems]
+    prompts = [prompt_ids(tokenizer, templates, "plain", p, chat=chat) for p in problems]
     outputs: list[list[Sample]] = []
     for start in range(0, len(prompts), batch_size):
         chunk = prompts[start : start + batch_size]
@@ -226,7 +228,8 @@ def run_eval(cfg: EvalConfig) -> dict[str, Any]:
     with build_reward(cfg.reward) as verifier, (out / "samples.jsonl").open("w") as samples_file:
         for name, items in problems.items():
             result = evaluate_problems(
-                engine, verifier, tokenizer, cfg.templates, items, cfg.k, cfg.sampling, cfg.health, cfg.batch_size, name
+                engine, verifier, tokenizer, cfg.templates, items, cfg.k, cfg.sampling, cfg.health, cfg.batch_size, name,
+                cfg.chat,
             )
             per_dataset[name] = result.metrics
             for record in result.samples:
@@ -289,8 +292,9 @@ def run_defaults(checkpoint: Path) -> dict[str, Any]:
     run = yaml.safe_load(run_config.read_text()) or {}
     rollout = run.get("rollout", {})
     out: dict[str, Any] = {}
-    if "templates" in run:
-        out["templates"] = run["templates"]
+    for key in ("templates", "chat"):
+        if key in run:
+            out[key] = run[key]
     if "engine" in rollout:
         out["engine"] = rollout["engine"]
     if "sampling" in rollout:

@@ -20,5 +20,5 @@ def held_out_eval(roles, problems: list[Problem], cfg: TrainConfig) -> dict[str,
         return {}
     sampling = cfg.rollout.sampling.model_copy(update={"temperature": cfg.run.eval_temperature, "seed": cfg.run.seed})
     result = evaluate_problems(_RolloutEngines(roles), roles.verifier, roles.tokenizer, cfg.templates, problems,
-                               cfg.run.eval_k, sampling, dataset=cfg.data.name)
+                               cfg.run.eval_k, sampling, dataset=cfg.data.name, chat=cfg.chat)
     return result.flat("eval/")

@@ -34,7 +34,8 @@ def prepare_model(cfg: TrainConfig, console) -> str:
     if cfg.model.kind == "gguf":
         from selfdistill.models.gguf import GgufError, convert_gguf
 
-        console.status(f"GGUF model {cfg.model.path}: dequantising to a cached float32 folder (first run only)")
+        console.status(f"GGUF model {cfg.model.path}: float32 copy under run.cache_dir (dequantised on first use, "
+                       f"about 30 s)")
         try:
             return str(convert_gguf(cfg.model.path, cfg.model.file, Path(cfg.run.cache_dir) / "models"))
         except GgufError as e:

@@ -27,7 +27,8 @@ class Roles:
         self.teacher = None
         if contexts:
             teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus)
-            self.teacher = teacher_cls.remote(teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync)
+            self.teacher = teacher_cls.remote(teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync,
+                                              cfg.chat)
         self.learner = LearnerGroup(cfg, policy_path, resume_from)
         self.pids = {
             "rollout": ray.get([e.ready.remote() for e in self.engines]),
@@ -49,7 +50,7 @@ class Roles:
 
     def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
         """Sample `sampling.n` responses per problem under the plain prompt; one group per problem."""
-        prompts = [prompt_ids(self.tokenizer, self.cfg.templates, "plain", p) for p in problems]
+        prompts = [prompt_ids(self.tokenizer, self.cfg.templates, "plain", p, chat=self.cfg.chat) for p in problems]
         trajs = []
         for i, samples in enumerate(self.sample(prompts, sampling)):
             for s in samples:

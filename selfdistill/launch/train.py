@@ -37,6 +37,10 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     if "exposure" in state:
         exposure.load_state_dict(state["exposure"])
     run_dir, start = cfg.run_dir, state.get("step", 0)
+    if not resume_from and run_dir.exists():  # keep an earlier run, never overwrite it
+        kept = run_dir.with_name(f"{run_dir.name}.{time.strftime('%Y%m%d-%H%M%S')}")
+        run_dir.rename(kept)
+        console.note(f"{run_dir} held an earlier run: moved to {kept} (use --resume {run_dir} to continue a run)")
     save_config(cfg, run_dir / "config.yaml")
     log = MetricsLog(run_dir, start)
 

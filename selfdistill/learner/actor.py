@@ -154,7 +154,9 @@ class LearnerActor:
                     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
                         yield {n: q.detach().float().clone() for n, q in bucket}
                 else:
-                    yield {n: q.detach().float() for n, q in bucket}
+                    # clone: under ZeRO 0-2 parameters are views into one flat buffer, and pickling a
+                    # view (ray.put) would ship the whole buffer with every tensor.
+                    yield {n: q.detach().float().clone() for n, q in bucket}
                 bucket, size = [], 0
             if p is not None:
                 bucket.append((name, p))

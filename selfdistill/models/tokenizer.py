@@ -30,8 +30,8 @@ def build_char_tokenizer() -> PreTrainedTokenizerFast:
         pad_token=PAD,
         unk_token=UNK,
         clean_up_tokenization_spaces=False,
+        padding_side="left",  # a constructor argument, so it is saved with the tokenizer
     )
-    tok.padding_side = "left"
     return tok
 
 

@@ -15,7 +15,7 @@ from selfdistill.config import SyncConfig, TeacherConfig
 from selfdistill.data.templates import PromptTemplates
 from selfdistill.learner.sync import build_transport
 from selfdistill.records import Problem, TeacherScores
-from selfdistill.teacher.contexts import prompt_ids
+from selfdistill.teacher.contexts import ChatConfig, prompt_ids
 from selfdistill.teacher.scorer import score_responses
 
 
@@ -23,11 +23,11 @@ class TeacherActor:
     """Ray actor (created with `ray.remote(TeacherActor)`); see module docstring."""
 
     def __init__(self, model_path: str, cfg: TeacherConfig, templates: PromptTemplates, temperature: float,
-                 sync: SyncConfig):
+                 sync: SyncConfig, chat: ChatConfig | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
-        self.cfg, self.templates, self.temperature = cfg, templates, temperature
+        self.cfg, self.templates, self.temperature, self.chat = cfg, templates, temperature, chat
         self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.transport = build_transport(sync)
@@ -42,7 +42,7 @@ class TeacherActor:
         full_rows = self.model.config.vocab_size <= self.cfg.full_vocab_max
         per_context = {}
         for context in contexts:
-            pairs = [(prompt_ids(self.tokenizer, self.templates, context, p, alpha), r) for p, r in items]
+            pairs = [(prompt_ids(self.tokenizer, self.templates, context, p, alpha, self.chat), r) for p, r in items]
             per_context[context] = score_responses(
                 self.model, pairs, temperature=self.temperature, top_k=self.cfg.top_k, full_rows=full_rows,
                 pad_id=self.tokenizer.pad_token_id or 0, batch_size=self.cfg.batch_size,
