@@ -10,6 +10,7 @@ a subtraction whose operand exceeds the running value becomes an addition.
 from __future__ import annotations
 
 import random
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -112,3 +113,37 @@ def generate_problems(cfg: ArithmeticTaskConfig, split: Literal["train", "eval"]
         raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
     held_out = {p.question for p in eval_problems}
     return _distinct_problems(cfg, random.Random(f"{cfg.seed}-train"), cfg.num_train, held_out, "train")
+
+
+_STEP = re.compile(r"^(-?\d+)([+\-*])(\d+)=(-?\d+)$")
+_OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
+
+
+def detour(reference: str, rng: random.Random) -> tuple[str, str, str] | None:
+    """A worked solution that goes wrong in one step and then carries on consistently.
+
+    Returns (text before the wrong result, the wrong result, the rest: later steps computed
+    from the wrong value and the boxed final value), or None when the reference has no
+    step in this task's format. The warm start trains the privileged prompt on the first
+    and last parts (never on the wrong result itself), so that, like a real LLM given a
+    reference and someone else's partial solution, the teacher continues what is written
+    instead of copying reference lines that no longer follow from it.
+    """
+    lines = reference.splitlines()
+    steps = [(i, _STEP.match(line)) for i, line in enumerate(lines)]
+    steps = [(i, m) for i, m in steps if m]
+    if not steps:
+        return None
+    k = rng.randrange(len(steps))
+    index, match = steps[k]
+    right = int(match.group(4))
+    wrong = right + rng.choice([d for d in (-2, -1, 1, 2) if right + d >= 0])
+    head = "\n".join(lines[:index] + [f"{match.group(1)}{match.group(2)}{match.group(3)}="])
+    value, tail = wrong, []
+    for _, later in steps[k + 1 :]:
+        op, operand = later.group(2), int(later.group(3))
+        result = _OPS[op](value, operand)
+        tail.append(f"{value}{op}{operand}={result}")
+        value = result
+    rest = "".join("\n" + line for line in tail) + f"\n\\boxed{{{value}}}"
+    return head, str(wrong), rest

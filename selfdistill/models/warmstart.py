@@ -25,13 +25,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
-from selfdistill.data.arithmetic import ArithmeticTaskConfig, generate_problems
+from selfdistill.data.arithmetic import ArithmeticTaskConfig, detour, generate_problems
 from selfdistill.data.templates import Context, PromptTemplates, render
 from selfdistill.models.tiny import build_tiny_model
 from selfdistill.records import Problem
 
 # Bump when the training code changes its result, so old cached folders are not reused.
-WARMSTART_VERSION = 1
+WARMSTART_VERSION = 2
 NUM_THREADS = 2
 IGNORE_INDEX = -100
 _BOXED_INT = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
@@ -67,6 +67,11 @@ class WarmStartConfig(BaseModel):
     grad_clip: float = Field(1.0, gt=0, description="Gradient-norm clip.")
     privileged_fraction: float = Field(
         0.5, ge=0, le=1, description="Share of examples shown the full privileged prompt (question + reference)."
+    )
+    detour_fraction: float = Field(
+        0.3, ge=0, le=1,
+        description="Share of privileged examples whose solution goes wrong in one step and continues consistently "
+        "(the wrong result itself is not trained on): teaches the teacher to follow what is written, not to copy.",
     )
     seed: int = Field(0, description="Seed of the initial weights and the example order.")
     eval_size: int = Field(200, ge=1, description="Held-out problems for the greedy accuracy written to warmstart.json.")
@@ -145,11 +150,17 @@ def _build(
         torch.set_num_threads(threads)
 
 
-def sft_example(tokenizer: PreTrainedTokenizerBase, prompt: str, response: str) -> tuple[list[int], list[int]]:
-    """Token ids of prompt + response + EOS, and labels with the prompt masked out."""
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    response_ids = tokenizer(response)["input_ids"] + [tokenizer.eos_token_id]
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+def sft_example(
+    tokenizer: PreTrainedTokenizerBase, prompt: str, *response_parts: str, untrained: int | None = None
+) -> tuple[list[int], list[int]]:
+    """Token ids of prompt + response + EOS, and labels with the prompt (and part `untrained`) masked out."""
+    ids = tokenizer(prompt)["input_ids"]
+    labels = [IGNORE_INDEX] * len(ids)
+    for i, part in enumerate(response_parts):
+        part_ids = tokenizer(part)["input_ids"]
+        ids += part_ids
+        labels += [IGNORE_INDEX] * len(part_ids) if i == untrained else part_ids
+    return ids + [tokenizer.eos_token_id], labels + [tokenizer.eos_token_id]
 
 
 def collate(examples: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
@@ -204,7 +215,13 @@ def train_sft(
             by_context: dict[str, list[tuple[list[int], list[int]]]] = {"plain": [], "full": []}
             for problem in rng.choices(problems, k=cfg.batch_size):
                 context: Context = "full" if rng.random() < cfg.privileged_fraction else "plain"
-                by_context[context].append(sft_example(tokenizer, render(templates, context, problem), problem.reference))
+                prompt = render(templates, context, problem)
+                wrong_turn = detour(problem.reference, rng) if context == "full" and rng.random() < cfg.detour_fraction \
+                    else None
+                by_context[context].append(
+                    sft_example(tokenizer, prompt, problem.reference) if wrong_turn is None
+                    else sft_example(tokenizer, prompt, *wrong_turn, untrained=1)
+                )
             optimizer.zero_grad(set_to_none=True)
             batches = [collate(group, tokenizer.pad_token_id) for group in by_context.values() if group]
             num_targets = sum(int((b["labels"] != IGNORE_INDEX).sum()) for b in batches)
