@@ -123,3 +123,23 @@ def test_cli_bad_inputs_fail_fast_with_a_clear_message(tmp_path):
     r = run("data={name: file, path: " + str(bad) + ", on_bad_row: error}", "run.eval_size=1")
     assert r.returncode == 2 and "bad.jsonl:2" in r.stderr
     assert "Started a local Ray instance" not in r.stdout + r.stderr
+
+
+@pytest.mark.parametrize("method", ["pmi", "exposure", "dapo", "position_weighted"])
+def test_method_configs_run_on_the_real_stack(tmp_path, tiny_model, method):
+    """The shipped per-method configs, on the real stack (tiny random model, 2 steps)."""
+    root = Path(__file__).parent.parent
+    cfg = load_config(root / "configs" / "cpu" / f"{method}.yaml", [
+        f"model={{kind: pretrained, path: {tiny_model}}}", f"run.output_dir={tmp_path}", "run.steps=2",
+        "run.save_every=0", "run.eval_size=4", "run.progress=false", "rollout.prompts_per_step=4",
+        "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=16", "sync.check_every=1",
+    ])
+    summary = train(cfg)
+    rows = _metrics(cfg.run_dir)
+    assert len(rows) == 2 and all(r["sync/max_logprob_gap"] <= SYNC_TOLERANCE for r in rows)
+    assert all(v == v for r in rows for k, v in r.items() if k.startswith("train/")), rows
+    if method == "exposure":
+        assert all(0.1 <= r["exposure/alpha"] <= 1.0 for r in rows)
+    if method == "pmi":
+        assert "train/teacher_student_kl/reference_only" in rows[-1] or "train/teacher_student_kl/full" in rows[-1]
+    assert Path(summary["plot"]).is_file()

@@ -35,7 +35,7 @@ def test_micro_batched_deepspeed_step_equals_plain_adamw(tmp_path, monkeypatch, 
     reference = AutoModelForCausalLM.from_pretrained(model)
     optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
     objective = build_objective(cfg.objective)
-    for step in range(3):
+    for _ in range(3):
         learner.train_step(trajs, None)
         optimizer.zero_grad()
         for group in range(2):  # the same two micro-batches, each weighted by its share of the batch

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import random
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -84,10 +83,7 @@ def load_problems(cfg: ChampConfig) -> tuple[list[Problem], SourceReport]:
         try:
             problem = _to_problem(cfg, key, row)
         except _BadRow as bad:
-            if cfg.on_bad_row == "error":
-                raise DataError(f"{where}: {bad}") from None
-            report.skipped += 1
-            report.errors.append(f"{where}: {bad}")
+            report.bad_row(where, bad, cfg.on_bad_row)
             continue
         if cfg.categories is not None and row.get("category") not in cfg.categories:
             report.left_out["in other categories"] += 1
@@ -99,11 +95,7 @@ def load_problems(cfg: ChampConfig) -> tuple[list[Problem], SourceReport]:
     if not problems:
         first = f"; first error: {report.errors[0]}" if report.errors else ""
         raise DataError(f"{path}: no usable CHAMP problems ({report.rows} read, {report.skipped} bad{first})")
-    if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(problems)
-    problems = problems[: cfg.limit]
-    report.loaded = len(problems)
-    return problems, report
+    return report.finish(problems, cfg.shuffle, cfg.seed, cfg.limit), report
 
 
 def data_file(version: str) -> Path:

@@ -166,6 +166,22 @@ class LoadReport:
     skipped: int = 0
     errors: list[str] = field(default_factory=list)
 
+    def bad_row(self, where: str, reason: object, on_bad_row: str) -> None:
+        """Count and keep a bad row's message, or stop with `DataError` when `on_bad_row` is "error"."""
+        message = f"{where}: {reason}"
+        if on_bad_row == "error":
+            raise DataError(message)
+        self.skipped += 1
+        self.errors.append(message)
+
+    def finish(self, problems: list[Problem], shuffle: bool, seed: int, limit: int | None) -> list[Problem]:
+        """Shuffle (seeded) and cut to `limit`; record how many problems were loaded."""
+        if shuffle:
+            random.Random(seed).shuffle(problems)
+        problems = problems[:limit]
+        self.loaded = len(problems)
+        return problems
+
 
 def load_problems(cfg: FileSourceConfig) -> tuple[list[Problem], LoadReport]:
     """Read the problems `cfg` describes; raise `DataError` for unusable files (or rows, per `on_bad_row`)."""
@@ -188,11 +204,7 @@ def load_problems(cfg: FileSourceConfig) -> tuple[list[Problem], LoadReport]:
                     raise _BadRow(f"duplicate id: uid {problem.uid!r} was first seen at {first_seen[problem.uid]}")
                 first_seen[problem.uid] = where
         except _BadRow as bad:
-            message = f"{where}: {bad}"
-            if cfg.on_bad_row == "error":
-                raise DataError(message) from None
-            report.skipped += 1
-            report.errors.append(message)
+            report.bad_row(where, bad, cfg.on_bad_row)
             continue
         problems.append(problem)
         if cfg.limit is not None and not cfg.shuffle and len(problems) == cfg.limit:
@@ -200,11 +212,7 @@ def load_problems(cfg: FileSourceConfig) -> tuple[list[Problem], LoadReport]:
     if not problems:
         first = f"; first error: {report.errors[0]}" if report.errors else ""
         raise DataError(f"{path}: no usable rows ({report.rows} read, {report.skipped} bad{first})")
-    if cfg.shuffle:
-        random.Random(cfg.seed).shuffle(problems)
-    problems = problems[: cfg.limit]
-    report.loaded = len(problems)
-    return problems, report
+    return report.finish(problems, cfg.shuffle, cfg.seed, cfg.limit), report
 
 
 class _BadRow(Exception):

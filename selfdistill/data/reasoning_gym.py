@@ -88,11 +88,7 @@ def load_problems(cfg: ReasoningGymConfig, count: int) -> tuple[list[Problem], S
                 continue
             first_seen[problem.question] = index
         except _BadItem as bad:
-            message = f"{where}: {bad}"
-            if cfg.on_bad_row == "error":
-                raise DataError(message) from None
-            report.skipped += 1
-            report.errors.append(message)
+            report.bad_row(where, bad, cfg.on_bad_row)
             continue
         problems.append(problem)
     if not problems:
