@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_METHODS = ["opsd", "opsd_jsd", "opsd_topk", "opd_sampled", "dasd", "position_weighted", "exposure_fixed",
+DEFAULT_METHODS = ["opsd", "opsd_clip", "opsd_jsd", "opsd_topk", "opsd_live_teacher", "opsd_ema_teacher", "opd_sampled", "dasd",
+                   "position_weighted", "exposure_fixed",
                    "exposure", "pmi", "opsd_grpo_mix", "grpo", "dr_grpo", "dapo", "rloo"]
 
 

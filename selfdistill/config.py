@@ -116,7 +116,7 @@ class RolloutConfig(Strict):
 
 class TeacherConfig(Strict):
     weights: Literal["live", "frozen", "ema"] = Field(
-        "live",
+        "frozen",
         description="live: synced from the learner every step; frozen: the initial weights; ema: an exponential "
         "moving average of the learner's weights with rate ema_rate.",
     )
@@ -136,7 +136,7 @@ class TeacherConfig(Strict):
 class LearnerConfig(Strict):
     num_ranks: int = Field(1, ge=1, description="DeepSpeed data-parallel ranks (Ray actors).")
     zero_stage: Literal[0, 1, 2, 3] = Field(1, description="DeepSpeed ZeRO stage.")
-    lr: float = Field(2e-4, gt=0, description="AdamW learning rate.")
+    lr: float = Field(1e-4, gt=0, description="AdamW learning rate.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     warmup_steps: int = Field(0, ge=0, description="Linear learning-rate warm-up steps.")

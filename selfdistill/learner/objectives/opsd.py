@@ -75,7 +75,9 @@ PointwiseClip = Annotated[
     Field(
         gt=0.0,
         description="Pointwise clip kappa: each vocabulary term of the per-token divergence is capped "
-        "at kappa before summing (a capped term passes no gradient). None: no clip.",
+        "at kappa before summing (a capped term passes no gradient). None: no clip. The OPSD reruns use 0.05 on "
+        "Qwen3 (configs/gpu); on a small model, where the teacher's corrections are large single terms, the cap "
+        "removes exactly those (measured on the CPU default: held-out accuracy 0.44 -> 0.09 in 30 steps).",
     ),
 ]
 
@@ -87,7 +89,7 @@ class OpsdConfig(ObjectiveConfigBase):
     )
     support: SupportField = "full"
     top_k: TopK = 20
-    clip: PointwiseClip = 0.05
+    clip: PointwiseClip = None
     context: TeacherContext = "full"
     loss_agg: LossAggField = "token_mean"
     max_response_len: MaxResponseLen = None
