@@ -45,7 +45,8 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {}
+    # Re-running some methods keeps the others' rows (all come from the same warm start and settings).
+    results = json.loads((out / "methods.json").read_text()) if (out / "methods.json").is_file() else {}
     for method in args.methods:
         cfg = load_config(ROOT / "configs" / "cpu" / f"{method}.yaml", [
             f"run.name={method}", f"run.output_dir={out / 'runs'}", f"run.steps={args.steps}",
@@ -78,7 +79,7 @@ def main() -> None:
     note = (f"\n{args.steps} steps per method, same warm start, data order and seeds; metrics other than accuracy are "
             "means over the last 5 steps (nan: the method does not report it).\n")
     (out / "methods.md").write_text("\n".join(lines) + note)
-    plot_runs([out / "runs" / m for m in results], out / "methods.png")
+    plot_runs([out / "runs" / m for m in results if (out / "runs" / m / "metrics.jsonl").is_file()], out / "methods.png")
     print("\n".join(lines) + note)
 
 

@@ -100,3 +100,16 @@ def test_step_pulls_low_entropy_tokens_toward_teacher_and_pushes_high_entropy_on
     assert change[0, 1] == 0  # at the quantile, w = 0
     assert change[0, 2] < 0  # high entropy, w < 0: away from the teacher
     assert metrics["frac_pushed_away"] == pytest.approx(1 / 3)
+
+
+def test_rho_share_sets_which_share_is_pushed_away():
+    # Five tokens with entropies 0..4 and a positive gap. rho = 0.2:
+    # 'pushed': split at the 0.8-quantile (3.2): only the token with entropy 4 gets w < 0.
+    # 'pulled': split at the 0.2-quantile (0.8): only the token with entropy 0 gets w > 0.
+    entropy = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
+    gap, mask = torch.full((1, 5), 2.0), torch.ones(1, 5)
+    pushed = entropy_routing_weights(entropy, gap, mask, rho=1 - 0.2, side="low_entropy_pulls", eps=0.0)
+    pulled = entropy_routing_weights(entropy, gap, mask, rho=0.2, side="low_entropy_pulls", eps=0.0)
+    assert (pushed < 0).tolist() == [[False, False, False, False, True]]
+    assert (pulled > 0).tolist() == [[True, False, False, False, False]]
+    assert DasdConfig().rho_share == "pushed"
