@@ -1,8 +1,8 @@
 """The cached warm start of the CPU default: a short SFT of the tiny model on the task.
 
 Each training example is a generated problem under the plain prompt or (with probability
-`privileged_fraction`) the full privileged prompt, and the target is the reference
-solution followed by EOS; the loss covers response tokens only. Training on both prompts
+`privileged_fraction`) a privileged prompt (full reference, partial reference, reference
+only: `privileged_contexts`), and the target is the reference solution followed by EOS; the loss covers response tokens only. Training on both prompts
 teaches the model to use a reference in context, as real LLMs do, so the self-teacher of
 OPSD is better than the student from the start. The result is a Hugging Face folder under
 `cache_dir/warmstart-<hash>`, keyed by every config that changes it and `WARMSTART_VERSION`.
@@ -19,9 +19,10 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -31,7 +32,7 @@ from selfdistill.models.tiny import build_tiny_model
 from selfdistill.records import Problem
 
 # Bump when the training code changes its result, so old cached folders are not reused.
-WARMSTART_VERSION = 2
+WARMSTART_VERSION = 3
 NUM_THREADS = 2
 IGNORE_INDEX = -100
 _BOXED_INT = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
@@ -68,12 +69,24 @@ class WarmStartConfig(BaseModel):
     privileged_fraction: float = Field(
         0.5, ge=0, le=1, description="Share of examples shown the full privileged prompt (question + reference)."
     )
+    privileged_contexts: dict[Literal["full", "partial", "reference_only"], float] = Field(
+        default_factory=lambda: {"full": 0.6, "partial": 0.2, "reference_only": 0.2},
+        description="Relative weights of the privileged contexts among privileged examples; 'partial' draws alpha "
+        "uniformly in [0, 1]. Every context a teacher may be shown (OPSD, exposure, PMI) must be seen here.",
+    )
     detour_fraction: float = Field(
         0.3, ge=0, le=1,
         description="Share of privileged examples whose solution goes wrong in one step and continues consistently "
         "(the wrong result itself is not trained on): teaches the teacher to follow what is written, not to copy.",
     )
     seed: int = Field(0, description="Seed of the initial weights and the example order.")
+
+    @field_validator("privileged_contexts")
+    @classmethod
+    def _weights_usable(cls, weights: dict[str, float]) -> dict[str, float]:
+        if not weights or any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"privileged_contexts needs non-negative weights with a positive sum, got {weights}")
+        return weights
     eval_size: int = Field(200, ge=1, description="Held-out problems for the greedy accuracy written to warmstart.json.")
 
 
@@ -212,13 +225,15 @@ def train_sft(
         for _ in range(cfg.steps):
             # One forward per context: full prompts are about twice as long as plain ones, so
             # padding them together would waste a quarter of the compute.
-            by_context: dict[str, list[tuple[list[int], list[int]]]] = {"plain": [], "full": []}
+            by_context: dict[str, list[tuple[list[int], list[int]]]] = {}
             for problem in rng.choices(problems, k=cfg.batch_size):
-                context: Context = "full" if rng.random() < cfg.privileged_fraction else "plain"
-                prompt = render(templates, context, problem)
-                wrong_turn = detour(problem.reference, rng) if context == "full" and rng.random() < cfg.detour_fraction \
-                    else None
-                by_context[context].append(
+                context: Context = "plain"
+                if rng.random() < cfg.privileged_fraction:
+                    context = rng.choices(list(cfg.privileged_contexts), list(cfg.privileged_contexts.values()))[0]
+                prompt = render(templates, context, problem, alpha=rng.random() if context == "partial" else None)
+                wrong_turn = detour(problem.reference, rng) \
+                    if context != "plain" and rng.random() < cfg.detour_fraction else None
+                by_context.setdefault(context, []).append(
                     sft_example(tokenizer, prompt, problem.reference) if wrong_turn is None
                     else sft_example(tokenizer, prompt, *wrong_turn, untrained=1)
                 )
