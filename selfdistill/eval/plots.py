@@ -117,6 +117,8 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
     fig, axes = plt.subplots(rows_n, cols, figsize=(5.2 * cols, 3.6 * rows_n), squeeze=False)
     flat_axes = list(axes.flat)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    if len(runs) > len(colors):  # many runs: a longer palette so no two share a colour
+        colors = [plt.cm.tab20(i % 20) for i in range(len(runs))]
 
     for ax, (title, keys) in zip(flat_axes, panels):
         for i, (name, rows) in enumerate(runs):
@@ -149,10 +151,12 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
+    ncol = min(len(labels), 6)
+    legend_rows = -(-len(labels) // ncol) if labels else 0
+    top = 1 - (0.065 * legend_rows) / rows_n
     if handles:
-        fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 4), frameon=False,
-                   bbox_to_anchor=(0.5, 1.0))
-    fig.tight_layout(rect=(0, 0, 1, 0.94 if handles else 1))
+        fig.legend(handles, labels, loc="upper center", ncol=ncol, frameon=False, bbox_to_anchor=(0.5, 1.0))
+    fig.tight_layout(rect=(0, 0, 1, top))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
