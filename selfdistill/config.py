@@ -86,7 +86,7 @@ class RunConfig(Strict):
         description="Where warm starts and converted models are cached (env SELFDISTILL_CACHE).",
     )
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
-    steps: int = Field(80, ge=1, description="Number of training steps (one rollout batch each).")
+    steps: int = Field(200, ge=1, description="Number of training steps (one rollout batch each).")
     save_every: int = Field(20, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
     eval_size: int = Field(200, ge=0, description="Held-out problems evaluated before, during and after training.")
