@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from selfdistill.data.arithmetic import ArithmeticTaskConfig
 from selfdistill.data.champ import ChampConfig
@@ -185,7 +185,7 @@ class TrainConfig(Strict):
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
-    objective: ObjectiveConfig = Field(default_factory=lambda: _default_objective(), description="Training objective.")
+    objective: ObjectiveConfig = Field(description="Training objective (default: opsd, filled in before validation).")
     sync: SyncConfig = Field(default_factory=SyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
 
@@ -223,10 +223,6 @@ class TrainConfig(Strict):
     @property
     def train_temperature(self) -> float:
         return self.learner.temperature or self.rollout.sampling.temperature
-
-
-def _default_objective():
-    return TypeAdapter(ObjectiveConfig).validate_python({"name": "opsd"})
 
 
 _DEFAULT_SAMPLING = SamplingConfig(temperature=1.0, max_new_tokens=48, n=4)

@@ -26,10 +26,7 @@ class MetricsLog:
         from torch.utils.tensorboard import SummaryWriter
 
         self.path = run_dir / "metrics.jsonl"
-        if start_step == 0:  # a fresh run into an existing folder starts its logs over
-            self.path.unlink(missing_ok=True)
-            shutil.rmtree(run_dir / "tb", ignore_errors=True)
-        elif self.path.exists():  # resuming: drop lines past the checkpoint we resume from
+        if start_step and self.path.exists():  # resuming: drop lines past the checkpoint we resume from
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
         self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
