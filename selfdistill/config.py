@@ -112,6 +112,12 @@ class RolloutConfig(Strict):
         False, description="DAPO dynamic sampling: drop prompt groups whose rewards are all equal and sample more."
     )
     max_filter_rounds: int = Field(3, ge=0, description="Extra generation rounds allowed per step by filter_groups.")
+    max_staleness: int = Field(
+        0, ge=0,
+        description="Asynchronous pipeline: rollouts for step n+k are generated (and verified and scored) while step "
+        "n trains, so a batch may come from weights up to k versions old; objectives then weight each token by the "
+        "truncated importance ratio (learner.tis_cap). 0: strictly on-policy, one stage after another.",
+    )
 
 
 class TeacherConfig(Strict):
@@ -151,6 +157,11 @@ class LearnerConfig(Strict):
         "learner",
         description="Behaviour log-probs for the importance ratio: 'learner' recomputes them before the update "
         "(exact on-policy), 'sampling' uses the engine's sampling log-probs (needed when rollouts are stale).",
+    )
+    tis_cap: float = Field(
+        2.0, gt=0,
+        description="Truncated importance sampling when rollout.max_staleness > 0: each token's loss is scaled by "
+        "min(pi_learner / pi_sampler, tis_cap), pi_learner being the learner's log-prob before this step's update.",
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training precision.")
     num_cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner rank.")

@@ -63,6 +63,19 @@ def test_aggregate_seq_mean_token_sum_divides_by_constant():
     assert aggregate_loss(PER_TOKEN, MASK, "seq_mean_token_sum").item() == pytest.approx(5.0)
 
 
+def test_aggregate_scales_tokens_by_importance_weights_but_keeps_the_mask_normaliser():
+    weights = torch.tensor([[0.5, 2.0, 0.0], [1.0, 7.0, 7.0], [3.0, 3.0, 3.0]])
+    # token_mean: (0.5*1 + 2*2 + 0*3 + 1*4) / 4 tokens
+    assert aggregate_loss(PER_TOKEN, MASK, "token_mean", weights=weights).item() == pytest.approx(8.5 / 4)
+    # seq_mean_token_mean: ((0.5 + 4 + 0) / 3 + 4 / 1) / 2
+    assert aggregate_loss(PER_TOKEN, MASK, "seq_mean_token_mean", weights=weights).item() == pytest.approx(2.75)
+
+
+def test_importance_weights_must_match_the_batch_shape():
+    with pytest.raises(ValueError, match=r"is_weights must have shape \(2, 3\)"):
+        _inputs(is_weights=torch.ones(2, 4))
+
+
 def test_aggregate_rejects_unknown_mode():
     with pytest.raises(ValueError, match="loss_agg must be one of"):
         aggregate_loss(PER_TOKEN, MASK, "sum")

@@ -102,11 +102,14 @@ class LearnerActor:
             student = self._student_logprobs(batch.input_ids, batch.attention_mask, batch.response_index)
             token_lp = student.gather(-1, batch.tokens[..., None]).squeeze(-1)
             old = token_lp.detach() if self.cfg.learner.old_logprobs == "learner" else batch.sampling_logprobs
+            is_weights, is_metrics = self._importance_weights(token_lp.detach(), batch)
             inputs = ObjectiveInputs(
                 student_logprobs=student, tokens=batch.tokens, mask=batch.mask, old_logprobs=old,
                 rewards=batch.rewards, group_ids=batch.group_ids, teacher=batch.teacher, step=self.step,
+                is_weights=is_weights,
             )
             loss, metrics = self.objective(inputs)
+            metrics.update(is_metrics)
             share = len(mb_trajs) / len(trajs)
             self.engine.backward(loss * share, scale_wrt_gas=False)
             metrics = {"loss": float(loss.detach()), **metrics}
@@ -118,6 +121,22 @@ class LearnerActor:
         totals["grad_norm"] = float(grad_norm) if grad_norm is not None else float("nan")
         totals["lr"] = float(self.scheduler.get_last_lr()[0])
         return totals
+
+    def _importance_weights(self, learner_lp, batch):
+        """Truncated importance weights min(pi_learner / pi_sampler, cap) for possibly stale rollouts.
+
+        None when rollouts are on-policy (max_staleness 0) or when the PPO ratio already uses the
+        sampling log-probs (old_logprobs='sampling').
+        """
+        if self.cfg.rollout.max_staleness == 0 or self.cfg.learner.old_logprobs == "sampling":
+            return None, {}
+        with torch.no_grad():
+            ratio = torch.exp(learner_lp - batch.sampling_logprobs) * batch.mask
+            weights = ratio.clamp(max=self.cfg.learner.tis_cap)
+            count = batch.mask.sum().clamp_min(1.0)
+            metrics = {"is_weight_mean": float(weights.sum() / count),
+                       "is_truncated_frac": float(((ratio > self.cfg.learner.tis_cap) * batch.mask).sum() / count)}
+        return weights, metrics
 
     def _student_logprobs(self, input_ids, attention_mask, response_index, temperature: float | None = None):
         logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits

@@ -68,6 +68,9 @@ class ObjectiveInputs:
     group_ids: Tensor  # [B] long: equal ids answer the same prompt
     teacher: dict[str, TeacherTensors] = field(default_factory=dict)  # keyed by context name
     step: int = 0
+    # [B, T] truncated importance weights min(pi_learner / pi_sampler, cap), no grad: set when rollouts
+    # may be stale (asynchronous mode); every objective scales its per-token loss by them. None: on-policy.
+    is_weights: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.student_logprobs.dim() != 3:
@@ -83,6 +86,8 @@ class ObjectiveInputs:
             raise ValueError(f"mask must be a float tensor, got {self.mask.dtype}")
         for context, scores in self.teacher.items():
             scores.check_shapes(context, batch, length, vocab)
+        if self.is_weights is not None:
+            _check_shape("is_weights", self.is_weights, (batch, length))
 
 
 def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:
@@ -169,8 +174,14 @@ def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
 
-def aggregate_loss(per_token: Tensor, mask: Tensor, mode: LossAgg, max_response_len: int | None = None) -> Tensor:
-    """Reduce a [B, T] per-token loss to a scalar (see `LossAggField`); empty responses do not count."""
+def aggregate_loss(per_token: Tensor, mask: Tensor, mode: LossAgg, max_response_len: int | None = None,
+                   weights: Tensor | None = None) -> Tensor:
+    """Reduce a [B, T] per-token loss to a scalar (see `LossAggField`); empty responses do not count.
+
+    `weights` (importance weights, [B, T]) scale each token's loss; the normaliser stays the mask.
+    """
+    if weights is not None:
+        per_token = per_token * weights
     if mode == "token_mean":
         return masked_mean(per_token, mask)
     lengths = mask.sum(-1)

@@ -226,7 +226,7 @@ class OnPolicySelfDistillation(Objective):
         per_token = distillation_divergence(
             x, cfg.context, self.name, beta=cfg.beta, clip=cfg.clip, support=cfg.support, top_k=cfg.top_k
         )
-        loss = aggregate_loss(per_token, x.mask, cfg.loss_agg, cfg.max_response_len)
+        loss = aggregate_loss(per_token, x.mask, cfg.loss_agg, cfg.max_response_len, x.is_weights)
         return loss, {**common_metrics(x, self.contexts), "frac_pushed_away": 0.0}
 
 

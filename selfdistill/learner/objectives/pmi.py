@@ -126,7 +126,7 @@ class PmiTargetDistillation(Objective):
         pmi, student_lp = pmi_on_support(x.student_logprobs, full, reference, cfg, x.mask)
         target = pmi_target_logprobs(student_lp, pmi, cfg.beta, cfg.clip, cfg.target_form)
         per_token = kl_terms(target, student_lp).sum(-1)
-        loss = aggregate_loss(per_token, x.mask, cfg.loss_agg, cfg.max_response_len)
+        loss = aggregate_loss(per_token, x.mask, cfg.loss_agg, cfg.max_response_len, x.is_weights)
         with torch.no_grad():
             spread = masked_mean((pmi - pmi.mean(-1, keepdim=True)).abs().mean(-1), x.mask).item()
         return loss, {**common_metrics(x, self.contexts), "pmi_spread": spread}

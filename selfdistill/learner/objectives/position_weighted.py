@@ -68,6 +68,6 @@ class PositionWeightedSelfDistillation(Objective):
             x, cfg.context, self.name, beta=0.0, clip=cfg.clip, support=cfg.support, top_k=cfg.top_k
         )
         weights = position_weights(x.mask, cfg.w_min, cfg.tau, cfg.s)
-        loss = aggregate_loss(weights * per_token, x.mask, "seq_mean_token_mean")
+        loss = aggregate_loss(weights * per_token, x.mask, "seq_mean_token_mean", weights=x.is_weights)
         metrics = {"mean_weight": masked_mean(weights, x.mask).item(), "frac_pushed_away": 0.0}
         return loss, {**common_metrics(x, self.contexts), **metrics}

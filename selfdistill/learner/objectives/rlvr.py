@@ -177,7 +177,7 @@ def policy_gradient_loss(
     """The clipped PG loss with per-token `advantages` [B, T] (no grad), aggregated over `mask`."""
     logprobs = sampled_token_logprobs(x.student_logprobs, x.tokens)
     per_token, is_clipped = clipped_pg_loss(logprobs, x.old_logprobs, advantages, cfg.clip_low, cfg.clip_high)
-    loss = aggregate_loss(per_token, mask, cfg.loss_agg, cfg.max_response_len)
+    loss = aggregate_loss(per_token, mask, cfg.loss_agg, cfg.max_response_len, x.is_weights)
     with torch.no_grad():
         adv_mean = masked_mean(advantages, mask)
         metrics = {
