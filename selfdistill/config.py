@@ -150,6 +150,17 @@ class LearnerConfig(Strict):
     micro_batch_groups: int = Field(
         8, ge=1, description="Prompt groups per micro-batch (groups are never split across micro-batches or ranks)."
     )
+    micro_batch_tokens: int | None = Field(
+        None, ge=1,
+        description="Token budget per micro-batch: whole prompt groups while their prompt+response tokens fit (a "
+        "larger group goes alone); replaces micro_batch_groups when set.",
+    )
+    packing: bool = Field(
+        False, description="Pack a micro-batch's sequences into rows without padding (block-diagonal causal attention)."
+    )
+    packed_row_tokens: int = Field(
+        1024, ge=1, description="With packing: tokens per packed row (longer sequences get a row of their own)."
+    )
     temperature: float | None = Field(
         None, gt=0, description="Logits are divided by this before log-softmax; default: the sampling temperature."
     )

@@ -107,6 +107,24 @@ def test_dasd_two_ranks_zero3(tmp_path, tiny_model):
     _assert_run(cfg, summary, tiny_model)
 
 
+def test_async_pipeline_on_two_engines(tmp_path, tiny_model):
+    """max_staleness 1: step n+1 is generated while step n trains, on two engines sharing the batch."""
+    from selfdistill.launch.run_dir import read_trainer_state
+
+    cfg = _config(tmp_path, tiny_model, "rollout.max_staleness=1", "rollout.num_engines=2")
+    summary = train(cfg)
+    rows = _assert_run(cfg, summary, tiny_model)
+    assert rows[0]["rollout/staleness_max"] == 0  # the first batch comes from the initial weights
+    # step 2's batch was started while step 1 trained, from version 0 (a chunk an engine takes after
+    # loading version 1 is fresh); importance weights corrected it
+    assert rows[1]["rollout/staleness_max"] == 1 and rows[1]["rollout/staleness_mean"] > 0
+    assert all(r["rollout/staleness_max"] <= 1 for r in rows)
+    assert all(0 < r["train/is_weight_mean"] <= cfg.learner.tis_cap for r in rows)
+    # the checkpoint of step 2 records the data position after batch 2, although batch 3 was already drawn
+    assert read_trainer_state(cfg.run_dir / "checkpoints" / "step-000002")["data"]["cursor"] == 8
+    assert len(summary["pids"]["rollout"]) == 2
+
+
 def test_cli_bad_inputs_fail_fast_with_a_clear_message(tmp_path):
     def run(*args):
         return subprocess.run([sys.executable, "-m", "selfdistill.launch.cli", "train", *args],

@@ -96,6 +96,8 @@ def test_collate_aligns_response_tokens():
     assert b.mask.tolist() == [[1, 1, 0], [1, 1, 1]]
     # logits at position i predict token i + 1
     assert b.response_index.tolist() == [[2, 3, 0], [0, 1, 2]]
+    assert b.response_row.tolist() == [[0, 0, 0], [1, 1, 1]]
+    assert b.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 1, 0]] and b.position_ids is None
     assert b.teacher["full"].token_logprobs.tolist() == [[-1.0, -2.0, 0.0], [-3.0, -4.0, -5.0]]
     assert b.rewards.tolist() == [1.0, 0.0] and b.group_ids.tolist() == [0, 1]
 

@@ -67,6 +67,17 @@ def test_generate_returns_n_samples_per_prompt(engine):
     assert any(s.finish_reason == "length" for group in out for s in group)
 
 
+def test_stream_yields_each_prompt_once_with_the_samples_of_generate(engine):
+    sampling = SamplingConfig(n=2, max_new_tokens=12, seed=5)
+    batch = engine.generate(PROMPTS, sampling)
+    streamed = list(engine.generate_stream(PROMPTS, sampling))
+    assert sorted(i for i, _ in streamed) == list(range(len(PROMPTS)))
+    for i, samples in streamed:
+        assert [s.token_ids for s in samples] == [s.token_ids for s in batch[i]]
+        for got, want in zip(samples, batch[i]):
+            assert got.logprobs == pytest.approx(want.logprobs)
+
+
 def test_seed_reproduces_a_call_and_no_two_samples_share_a_stream(engine):
     sampling = SamplingConfig(n=4, max_new_tokens=8, seed=123)
     first = engine.generate([PROMPTS[0], PROMPTS[0]], sampling)

@@ -6,6 +6,8 @@ engines, gathering results); the loop in `train.py` reads as the algorithm.
 
 from __future__ import annotations
 
+import time
+
 import ray
 
 from selfdistill.config import TrainConfig
@@ -21,9 +23,9 @@ from selfdistill.teacher.contexts import prompt_ids
 class Roles:
     def __init__(self, cfg: TrainConfig, policy_path: str, teacher_path: str, tokenizer, contexts: tuple[str, ...],
                  resume_from: str | None = None, version: int = 0):
-        self.cfg, self.tokenizer, self.contexts, self.version = cfg, tokenizer, contexts, version
+        self.cfg, self.tokenizer, self.contexts = cfg, tokenizer, contexts
         rollout_cls = ray.remote(RolloutActor).options(num_cpus=cfg.rollout.num_cpus_per_engine)
-        self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine, cfg.sync) for _ in range(cfg.rollout.num_engines)]
+        self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine, cfg.sync, version) for _ in range(cfg.rollout.num_engines)]
         self.teacher = None
         if contexts:
             teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus)
@@ -48,41 +50,50 @@ class Roles:
             refs.append(engine.generate.remote([prompts[i] for i in idx], sampling.model_copy(update={"seed": seed})))
         return [samples for out in ray.get(refs) for samples in out]
 
-    def generate(self, problems: list[Problem], sampling: SamplingConfig) -> list[Trajectory]:
-        """Sample `sampling.n` responses per problem under the plain prompt; one group per problem."""
-        prompts = [prompt_ids(self.tokenizer, self.cfg.templates, "plain", p, chat=self.cfg.chat) for p in problems]
-        trajs = []
-        for i, samples in enumerate(self.sample(prompts, sampling)):
-            for s in samples:
-                trajs.append(Trajectory(
-                    problem=problems[i], group=i, prompt_ids=prompts[i], response_ids=list(s.token_ids),
-                    sampling_logprobs=list(s.logprobs), finish_reason=s.finish_reason,
-                    weight_version=self.version, text=s.text,
-                ))
-        return trajs
+    def prompt(self, problem: Problem) -> list[int]:
+        """The student's prompt (no privileged context) as token ids."""
+        return prompt_ids(self.tokenizer, self.cfg.templates, "plain", problem, chat=self.cfg.chat)
+
+    def start_stream(self, engine, prompts: list[list[int]], sampling: SamplingConfig, offset: int):
+        """Start sampling on `engine`; a Ray generator of (index in `prompts`, samples, weight version).
+
+        `offset` is the chunk's place in the step's batch: prompt i of the batch gets seeds
+        seed + i*n + j wherever it runs, so results do not depend on how prompts were split.
+        """
+        seed = None if sampling.seed is None else sampling.seed + offset * sampling.n
+        return engine.generate_stream.options(num_returns="streaming").remote(
+            prompts, sampling.model_copy(update={"seed": seed}))
+
+    def trajectories(self, problem: Problem, prompt: list[int], samples: list[Sample], version: int) -> list[Trajectory]:
+        """One prompt group's trajectories (group id set later, when the batch is assembled)."""
+        return [
+            Trajectory(problem=problem, group=-1, prompt_ids=prompt, response_ids=list(s.token_ids),
+                       sampling_logprobs=list(s.logprobs), finish_reason=s.finish_reason, weight_version=version,
+                       text=s.text)
+            for s in samples
+        ]
 
     def verify(self, trajs: list[Trajectory]) -> None:
         results = self.verifier.score([t.text for t in trajs], [t.problem.answer for t in trajs])
         for t, r in zip(trajs, results):
             t.reward, t.verify_status = r.reward, r.status
 
-    def score(self, trajs: list[Trajectory], alpha: float | None) -> list[TeacherScores] | None:
-        if self.teacher is None:
-            return None
-        items = [(t.problem, t.response_ids) for t in trajs]
-        return ray.get(self.teacher.score.remote(items, list(self.contexts), alpha))
+    def score_async(self, trajs: list[Trajectory], alpha: float | None):
+        """Start the teacher on every context the objective reads; a Ray ref to one TeacherScores per trajectory."""
+        return self.teacher.score.remote([(t.problem, t.response_ids) for t in trajs], list(self.contexts), alpha)
 
     def train(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
         return self.learner.train_step(trajs, scores)
 
     def publish(self, version: int) -> dict[str, float]:
         """Learner -> every engine and the teacher; all receivers hold `version` on return."""
+        start = time.perf_counter()
         handle, stats = self.learner.publish(version)
+        stats["sync/learner_s"] = time.perf_counter() - start
         receivers = [e.load_weights.remote(handle, version) for e in self.engines]
         if self.teacher is not None:
             receivers.append(self.teacher.load_weights.remote(handle, version))
         ray.get(receivers)
-        self.version = version
         return stats
 
     def save_checkpoint(self, path, client_state: dict) -> None:

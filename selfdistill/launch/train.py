@@ -1,18 +1,25 @@
-"""The training loop: generate -> verify -> score -> train -> publish, one step at a time."""
+"""The training loop: generate -> verify -> score -> train -> publish.
+
+Batches come from `RolloutPipeline` (launch/pipeline.py), which streams each group through
+the verifier and the teacher as it finishes (launch/collect.py) and, with
+`rollout.max_staleness` k > 0, makes the batch of step n+k while step n trains.
+"""
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
 from selfdistill.config import TrainConfig, save_config
 from selfdistill.data import PromptSampler, load_split
 from selfdistill.launch.cluster import ray_cluster
-from selfdistill.launch.collect import collect_rollouts
+from selfdistill.launch.collect import Batch, collect_batch
 from selfdistill.launch.console import Console
 from selfdistill.launch.evaluate import held_out_eval
 from selfdistill.launch.model import prepare_model
+from selfdistill.launch.pipeline import RolloutPipeline
 from selfdistill.launch.run_dir import (MetricsLog, checkpoint_dir, prune_checkpoints, read_trainer_state,
                                         write_trainer_state)
 from selfdistill.launch.step_metrics import step_metrics
@@ -58,20 +65,31 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
         console.note(f"held-out accuracy before training ({accuracy_key}): {before.get(accuracy_key, float('nan')):.3f} "
                      f"on {len(eval_problems)} problems")
         probe = tokenizer(eval_problems[0].question + eval_problems[0].reference)["input_ids"]
-        with console.progress(cfg.run.steps, start) as bar:
+        exposure_lock = threading.Lock()  # alpha() runs in the pipeline's thread, observe() in this one
+
+        def make_batch(step: int) -> Batch:
+            sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.run.seed * 100_003 + step})
+            with exposure_lock:
+                alpha = exposure.alpha(step) if "partial" in contexts else None
+            return collect_batch(roles, sampler, cfg, sampling, alpha)
+
+        pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness)
+        with console.progress(cfg.run.steps, start) as bar, pipeline:
             for step in range(start + 1, cfg.run.steps + 1):
                 t = {}
-                sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.run.seed * 100_003 + step})
-                trajs, collect_info = collect_rollouts(roles, sampler, cfg, sampling, t)
-                with _timed(t, "teacher"):
-                    scores = roles.score(trajs, alpha=exposure.alpha(step) if "partial" in contexts else None)
+                with _timed(t, "idle"):  # the learner waits for the batch
+                    batch = pipeline.get(step)
                 with _timed(t, "train"):
-                    train_metrics = roles.train(trajs, scores)
+                    train_metrics = roles.train(batch.trajs, batch.scores)
                 with _timed(t, "sync"):
                     sync_info = roles.publish(version=step)
-                metrics = {**step_metrics(trajs, train_metrics, t), **collect_info, **sync_info}
+                pipeline.published(step)
+                t["step"] = t["idle"] + t["train"] + t["sync"]
+                metrics = {**step_metrics(batch.trajs, train_metrics, {**batch.seconds, **t}, step), **batch.info,
+                           **sync_info}
                 if "partial" in contexts:
-                    metrics.update(exposure.observe(step, metrics))
+                    with exposure_lock:
+                        metrics.update(exposure.observe(step, metrics))
                 if cfg.run.eval_every and step % cfg.run.eval_every == 0:
                     metrics.update(held_out_eval(roles, eval_problems, cfg))
                 if cfg.sync.check_every and step % cfg.sync.check_every == 0:
@@ -80,10 +98,11 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                 bar.advance(step, metrics)
                 if step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
                     path = checkpoint_dir(run_dir, step)
-                    data_state = sampler.state()
-                    roles.save_checkpoint(path, {"data": data_state})
-                    write_trainer_state(path, {"step": step, "data": data_state, "initial_model": initial_model,
-                                               "eval_before": before, "exposure": exposure.state_dict()})
+                    roles.save_checkpoint(path, {"data": batch.data_state})
+                    with exposure_lock:
+                        exposure_state = exposure.state_dict()
+                    write_trainer_state(path, {"step": step, "data": batch.data_state, "initial_model": initial_model,
+                                               "eval_before": before, "exposure": exposure_state})
                     prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
         after = held_out_eval(roles, eval_problems, cfg)
         pids = roles.pids

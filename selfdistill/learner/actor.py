@@ -16,8 +16,14 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.config import TrainConfig
-from selfdistill.learner.batching import collate
+from selfdistill.config import LearnerConfig, TrainConfig
+from selfdistill.learner.batching import (
+    collate,
+    group_tokens,
+    plan_micro_batches,
+    prompt_groups,
+    split_micro_batches,
+)
 from selfdistill.learner.objectives import build_objective
 from selfdistill.learner.objectives.base import ObjectiveInputs
 from selfdistill.learner.sync import build_transport
@@ -91,17 +97,25 @@ class LearnerActor:
 
     # ------------------------------------------------------------------ training
 
-    def train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
-        """One optimizer step over this rank's share of the batch (whole prompt groups)."""
+    def train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None,
+                   num_micro_batches: int | None = None) -> dict[str, float]:
+        """One optimizer step over this rank's share of the batch (whole prompt groups).
+
+        `num_micro_batches`: forward/backward passes every rank must make (ZeRO's collectives pair
+        up across ranks); default: as many as this rank's own micro-batches.
+        """
         self.engine.train()
+        lc = self.cfg.learner
         pad = self.engine.module.config.pad_token_id or 0
-        micro = _micro_batches(trajs, scores, self.cfg.learner.micro_batch_groups)
+        row_tokens = lc.packed_row_tokens if lc.packing else None
+        micro = _micro_batches(trajs, scores, lc, num_micro_batches)
         totals: dict[str, float] = {}
         for mb_trajs, mb_scores in micro:
-            batch = collate(mb_trajs, mb_scores, pad)
-            student = self._student_logprobs(batch.input_ids, batch.attention_mask, batch.response_index)
+            batch = collate(mb_trajs, mb_scores, pad, row_tokens)
+            student = self._student_logprobs(batch.input_ids, batch.response_row, batch.response_index,
+                                             batch.attention_mask, batch.position_ids)
             token_lp = student.gather(-1, batch.tokens[..., None]).squeeze(-1)
-            old = token_lp.detach() if self.cfg.learner.old_logprobs == "learner" else batch.sampling_logprobs
+            old = token_lp.detach() if lc.old_logprobs == "learner" else batch.sampling_logprobs
             is_weights, is_metrics = self._importance_weights(token_lp.detach(), batch)
             inputs = ObjectiveInputs(
                 student_logprobs=student, tokens=batch.tokens, mask=batch.mask, old_logprobs=old,
@@ -115,6 +129,13 @@ class LearnerActor:
             metrics = {"loss": float(loss.detach()), **metrics}
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + share * float(v)
+        idle_passes = (num_micro_batches or len(micro)) - len(micro)
+        for _ in range(idle_passes):
+            # Fewer groups than passes: a zero-weighted pass on one sequence still runs ZeRO's collectives.
+            batch = collate(trajs[:1], None, pad, row_tokens)
+            student = self._student_logprobs(batch.input_ids, batch.response_row, batch.response_index,
+                                             batch.attention_mask, batch.position_ids)
+            self.engine.backward(student.sum() * 0.0, scale_wrt_gas=False)
         self.engine.step()
         self.step += 1
         grad_norm = self.engine.get_global_grad_norm()
@@ -138,10 +159,13 @@ class LearnerActor:
                        "is_truncated_frac": float(((ratio > self.cfg.learner.tis_cap) * batch.mask).sum() / count)}
         return weights, metrics
 
-    def _student_logprobs(self, input_ids, attention_mask, response_index, temperature: float | None = None):
-        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask).logits
-        idx = response_index[..., None].expand(-1, -1, logits.shape[-1])
-        rows = logits.gather(1, idx).float() / (temperature or self.temperature)
+    def _student_logprobs(self, input_ids, response_row, response_index, attention_mask=None, position_ids=None,
+                          temperature: float | None = None):
+        """[B, T, V] log-probs at the response positions (row, column) of the (possibly packed) rows."""
+        # use_cache=False: with a KV cache, transformers ignores the packed sequences in position_ids.
+        logits = self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                             use_cache=False).logits
+        rows = logits[response_row, response_index].float() / (temperature or self.temperature)
         return torch.log_softmax(rows, dim=-1)
 
     @torch.no_grad()
@@ -152,7 +176,7 @@ class LearnerActor:
         for seq in sequences:
             ids = torch.tensor([seq])
             index = torch.arange(len(seq) - 1)[None]
-            lp = self._student_logprobs(ids, torch.ones_like(ids), index, temperature=1.0)
+            lp = self._student_logprobs(ids, torch.zeros_like(index), index, temperature=1.0)
             out.append(lp.gather(-1, ids[:, 1:, None]).squeeze(-1)[0].tolist())
         return out
 
@@ -215,11 +239,17 @@ class LearnerActor:
                                     client_state={**client_state, "step": self.step})
 
 
-def _micro_batches(trajs: list[Trajectory], scores: list[TeacherScores] | None, groups_per_batch: int):
-    groups: dict[int, list[int]] = {}
-    for i, t in enumerate(trajs):
-        groups.setdefault(t.group, []).append(i)
-    order = list(groups.values())
-    for start in range(0, len(order), groups_per_batch):
-        idx = [i for g in order[start : start + groups_per_batch] for i in g]
-        yield [trajs[i] for i in idx], ([scores[i] for i in idx] if scores else None)
+def _micro_batches(trajs: list[Trajectory], scores: list[TeacherScores] | None, lc: LearnerConfig,
+                   num_micro_batches: int | None = None) -> list[tuple[list[Trajectory], list[TeacherScores] | None]]:
+    """(trajectories, scores) of each micro-batch: whole prompt groups, split towards `num_micro_batches`."""
+    groups = prompt_groups(trajs)
+    plan = plan_micro_batches(group_tokens(trajs, groups), lc.micro_batch_groups, lc.micro_batch_tokens)
+    if num_micro_batches is not None:
+        if len(plan) > num_micro_batches:
+            raise ValueError(f"{len(plan)} micro-batches planned, more than the {num_micro_batches} asked for")
+        plan = split_micro_batches(plan, num_micro_batches)
+    out = []
+    for micro in plan:
+        idx = [i for g in micro for i in groups[g]]
+        out.append(([trajs[i] for i in idx], [scores[i] for i in idx] if scores else None))
+    return out

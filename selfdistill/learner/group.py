@@ -6,8 +6,9 @@ import socket
 
 import ray
 
-from selfdistill.config import TrainConfig
+from selfdistill.config import LearnerConfig, TrainConfig
 from selfdistill.learner.actor import LearnerActor
+from selfdistill.learner.batching import group_tokens, plan_micro_batches, prompt_groups, shard_groups
 from selfdistill.records import TeacherScores, Trajectory
 
 
@@ -17,8 +18,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _micro_batch_count(trajs: list[Trajectory], lc: LearnerConfig) -> int:
+    groups = prompt_groups(trajs)
+    return len(plan_micro_batches(group_tokens(trajs, groups), lc.micro_batch_groups, lc.micro_batch_tokens))
+
+
 class LearnerGroup:
     def __init__(self, cfg: TrainConfig, model_path: str, resume_from: str | None = None):
+        self.cfg = cfg
         n = cfg.learner.num_ranks
         port = _free_port()
         actor_cls = ray.remote(LearnerActor).options(num_cpus=cfg.learner.num_cpus_per_rank)
@@ -26,14 +33,12 @@ class LearnerGroup:
         self.pids = ray.get([a.ready.remote() for a in self.actors])
 
     def train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
-        groups = sorted({t.group for t in trajs})
-        per_rank = len(groups) // len(self.actors)
-        refs = []
-        for rank, actor in enumerate(self.actors):
-            mine = set(groups[rank * per_rank : (rank + 1) * per_rank]) if rank < len(self.actors) - 1 \
-                else set(groups[rank * per_rank :])
-            idx = [i for i, t in enumerate(trajs) if t.group in mine]
-            refs.append(actor.train_step.remote([trajs[i] for i in idx], [scores[i] for i in idx] if scores else None))
+        """Whole prompt groups to each rank; every rank makes as many micro-batch passes as the busiest one."""
+        shards = shard_groups(trajs, len(self.actors))
+        num_micro_batches = max(_micro_batch_count([trajs[i] for i in shard], self.cfg.learner) for shard in shards)
+        refs = [actor.train_step.remote([trajs[i] for i in shard], [scores[i] for i in shard] if scores else None,
+                                        num_micro_batches)
+                for actor, shard in zip(self.actors, shards)]
         results = ray.get(refs)
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 

@@ -23,11 +23,11 @@ from selfdistill.rollout.base import EngineConfig, Sample, SamplingConfig, build
 class RolloutActor:
     """Ray actor around a `RolloutEngine`; see the module docstring."""
 
-    def __init__(self, model_path: str, engine: EngineConfig, sync: SyncConfig | None = None):
+    def __init__(self, model_path: str, engine: EngineConfig, sync: SyncConfig | None = None, version: int = 0):
         vllm_internals.configure_env()  # in this actor's process, before anything imports vllm
         self.engine = build_engine(engine, model_path)
         self.transport = build_transport(sync or SyncConfig())
-        self.version = 0
+        self.version = version  # of the weights in model_path (a resumed run's checkpoint step)
 
     def ready(self) -> int:
         """The actor's process id, once the engine is built."""
@@ -36,6 +36,12 @@ class RolloutActor:
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
         """`sampling.n` samples for each prompt (token ids), in prompt order."""
         return self.engine.generate(prompts, sampling)
+
+    def generate_stream(self, prompts: list[list[int]], sampling: SamplingConfig):
+        """Ray streaming generator (call with `.options(num_returns="streaming")`): yields
+        (prompt index, samples, weight version) as each prompt's `sampling.n` samples finish."""
+        for i, samples in self.engine.generate_stream(prompts, sampling):
+            yield i, samples, self.version
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(x_t | x_<t) for t >= 1 at temperature 1 under the current weights."""

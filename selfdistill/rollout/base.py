@@ -8,7 +8,7 @@ after `load_weights`, `sequence_logprobs` must equal the learner's own log-probs
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -101,6 +101,10 @@ class RolloutEngine(Protocol):
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
         """For each prompt (token ids), `sampling.n` samples, in prompt order."""
+        ...
+
+    def generate_stream(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, list[Sample]]]:
+        """The same samples as `generate`, yielded as (prompt index, samples) as each prompt's n samples finish."""
         ...
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:

@@ -6,7 +6,7 @@ into one padded `generate` and does no KV-cache sharing between samples.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -25,6 +25,10 @@ class HFEngine:
         self.eos_ids = {self.tokenizer.eos_token_id, *(eos if isinstance(eos, list) else [eos])} - {None}
         self.processed = cfg.logprobs_mode == "processed_logprobs"
         self.seed = cfg.seed
+
+    def generate_stream(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, list[Sample]]]:
+        """transformers generates a batch at once: every prompt's samples come when the batch is done."""
+        yield from enumerate(self.generate(prompts, sampling))
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:

@@ -5,7 +5,7 @@ All vLLM calls go through `rollout.vllm_internals`.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -23,12 +23,16 @@ class VLLMEngine:
         self.checkpoint_names = _checkpoint_names(model_path)
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
+        done = dict(self.generate_stream(prompts, sampling))
+        return [done[i] for i in range(len(prompts))]
+
+    def generate_stream(self, prompts: list[list[int]], sampling: SamplingConfig) -> Iterator[tuple[int, list[Sample]]]:
         if sampling.seed is None:
             params = vi.sampling_params(sampling, seed=None)
         else:  # sample j of prompt i gets seed + i*n + j: no two samples share a stream
             params = [vi.sampling_params(sampling, seed=sampling.seed + i * sampling.n) for i in range(len(prompts))]
-        return [
-            [
+        for i, out in vi.generate_stream(self.llm, prompts, params):
+            yield i, [
                 Sample(
                     token_ids=list(c.token_ids),
                     logprobs=vi.sampled_logprobs(c),
@@ -37,8 +41,6 @@ class VLLMEngine:
                 )
                 for c in sorted(out.outputs, key=lambda c: c.index)
             ]
-            for out in vi.generate(self.llm, prompts, params)
-        ]
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return [vi.prompt_logprobs(out) for out in vi.generate(self.llm, sequences, vi.scoring_params())]

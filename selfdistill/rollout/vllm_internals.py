@@ -110,6 +110,21 @@ def generate(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[S
     return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
 
 
+def generate_stream(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
+                    ) -> Iterator[tuple[int, RequestOutput]]:
+    """Like `generate`, but yield (prompt index, output) as each request finishes (all its n samples)."""
+    from vllm.inputs import TokensPrompt
+
+    request_ids = llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    # enqueue returns internal ids "<external>-<8 random chars>"; outputs carry the external id.
+    index_of = {request_id.rsplit("-", 1)[0]: i for i, request_id in enumerate(request_ids)}
+    engine = llm.llm_engine
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            if output.finished:
+                yield index_of[output.request_id], output
+
+
 def sampled_logprobs(completion: CompletionOutput) -> list[float]:
     """Log-prob of each sampled token of one completion (requested with `sampling_params`)."""
     flat = completion.logprobs

@@ -40,14 +40,15 @@ class TeacherActor:
     def score(self, items: list[tuple[Problem, list[int]]], contexts: list[str], alpha: float | None) -> list[TeacherScores]:
         """Score each (problem, response ids) under every context in `contexts` ("partial" shows alpha of the steps)."""
         full_rows = self.model.config.vocab_size <= self.cfg.full_vocab_max
-        per_context = {}
-        for context in contexts:
-            pairs = [(prompt_ids(self.tokenizer, self.templates, context, p, alpha, self.chat), r) for p, r in items]
-            per_context[context] = score_responses(
-                self.model, pairs, temperature=self.temperature, top_k=self.cfg.top_k, full_rows=full_rows,
-                pad_id=self.tokenizer.pad_token_id or 0, batch_size=self.cfg.batch_size,
-            )
-        return [TeacherScores({c: per_context[c][i] for c in contexts}, self.version) for i in range(len(items))]
+        # One call for all contexts: every distinct prompt runs once and responses share forwards across contexts.
+        pairs = [(prompt_ids(self.tokenizer, self.templates, context, p, alpha, self.chat), r)
+                 for context in contexts for p, r in items]
+        scores = score_responses(
+            self.model, pairs, temperature=self.temperature, top_k=self.cfg.top_k, full_rows=full_rows,
+            pad_id=self.tokenizer.pad_token_id or 0, batch_size=self.cfg.batch_size,
+        )
+        n = len(items)
+        return [TeacherScores({c: scores[k * n + i] for k, c in enumerate(contexts)}, self.version) for i in range(n)]
 
     @torch.no_grad()
     def load_weights(self, handle, version: int) -> int:
