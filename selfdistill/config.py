@@ -106,7 +106,11 @@ class RolloutConfig(Strict):
         description="Sampling for training rollouts; n is G, responses per prompt.",
     )
     prompts_per_step: int = Field(16, ge=1, description="Prompts per training step (batch = prompts_per_step * n).")
-    num_engines: int = Field(1, ge=1, description="Rollout actors, each with its own engine; prompts are split evenly.")
+    num_engines: int = Field(
+        1, ge=1,
+        description="Rollout actors, each with its own engine; with several, prompts go out in chunks and an engine "
+        "that finishes takes the next chunk.",
+    )
     num_cpus_per_engine: float = Field(1.0, gt=0, description="Ray CPUs reserved per rollout actor.")
     filter_groups: bool = Field(
         False, description="DAPO dynamic sampling: drop prompt groups whose rewards are all equal and sample more."
@@ -230,11 +234,6 @@ class TrainConfig(Strict):
             raise ValueError(
                 f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be a multiple of "
                 f"learner.num_ranks ({self.learner.num_ranks}): prompt groups are split evenly across ranks"
-            )
-        if self.rollout.prompts_per_step % self.rollout.num_engines:
-            raise ValueError(
-                f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be a multiple of "
-                f"rollout.num_engines ({self.rollout.num_engines})"
             )
         return self
 

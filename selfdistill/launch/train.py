@@ -64,7 +64,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
         accuracy_key = f"eval/avg@{cfg.run.eval_k}"
         console.note(f"held-out accuracy before training ({accuracy_key}): {before.get(accuracy_key, float('nan')):.3f} "
                      f"on {len(eval_problems)} problems")
-        probe = tokenizer(eval_problems[0].question + eval_problems[0].reference)["input_ids"]
+        probe = tokenizer(train_problems[0].question + train_problems[0].reference)["input_ids"]  # sync check
         exposure_lock = threading.Lock()  # alpha() runs in the pipeline's thread, observe() in this one
 
         def make_batch(step: int) -> Batch:
