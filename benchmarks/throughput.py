@@ -236,9 +236,9 @@ def section_trl(args, out: Path) -> dict:
 
 
 # selfdistill's settings per mode on a CPU machine: run one stage after another with every core
-# given to the learner, or overlap generation (1 core) with training (1 core).
+# given to the engine and then to the learner, or overlap generation (1 core) with training (1 core).
 SD_MODES = {
-    "sync": {"learner.num_cpus_per_rank": CPU_CORES},
+    "sync": {"learner.num_cpus_per_rank": CPU_CORES, "rollout.num_cpus_per_engine": CPU_CORES},
     "async": {"rollout.max_staleness": 1},
 }
 

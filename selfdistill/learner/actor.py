@@ -162,10 +162,13 @@ class LearnerActor:
     def _student_logprobs(self, input_ids, response_row, response_index, attention_mask=None, position_ids=None,
                           temperature: float | None = None):
         """[B, T, V] log-probs at the response positions (row, column) of the (possibly packed) rows."""
+        # Only columns holding a response position go through lm_head (prompt columns are most of a row,
+        # and the vocabulary projection is a large share of a small model's FLOPs).
+        keep = torch.unique(response_index)
         # use_cache=False: with a KV cache, transformers ignores the packed sequences in position_ids.
         logits = self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             use_cache=False).logits
-        rows = logits[response_row, response_index].float() / (temperature or self.temperature)
+                             use_cache=False, logits_to_keep=keep).logits
+        rows = logits[response_row, torch.searchsorted(keep, response_index)].float() / (temperature or self.temperature)
         return torch.log_softmax(rows, dim=-1)
 
     @torch.no_grad()
