@@ -537,7 +537,11 @@ def section_teacher(args, out: Path) -> dict:
         one, three = result["seconds"]["full"], result["seconds"]["full+partial+reference_only"]
         rows.append({"model": model, "responses": result["responses"], "response tokens": result["response_tokens"],
                      "1 context s": one, "3 contexts s": three, "3 / 1": three / one,
-                     "forwards (3 contexts)": result["forwards"]})
+                     "forwards (3 contexts)": result["forwards"],
+                     "token positions 1 / 3 contexts": f"{result['work']['full']['positions']} / "
+                                                       f"{result['work']['full+partial+reference_only']['positions']}",
+                     "positions 3 / 1": result["work"]["full+partial+reference_only"]["positions"]
+                                        / result["work"]["full"]["positions"]})
     notes = ["TeacherActor.score in one process (1 thread), median of 5 after a warm-up; responses are the "
              "references' own tokens cut to max_new_tokens, G copies per problem of different lengths.",
              "All contexts go in one call: one prefix pass over every distinct privileged prompt (cached and "
@@ -561,13 +565,6 @@ def worker_teacher(spec: dict) -> dict:
         for j in range(spec["n"]):  # G responses of one problem, of different lengths
             items.append((p, reference[: max(1, len(reference) - 3 * j)]))
     teacher = TeacherActor(spec["path"], cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync, cfg.chat)
-    forwards = {"n": 0}
-    original_forward = teacher.model.forward
-
-    def counted(*a, **kw):
-        forwards["n"] += 1
-        return original_forward(*a, **kw)
-
     seconds = {}
     for contexts in (["full"], ["full", "partial", "reference_only"]):
         teacher.score(items, contexts, 0.5)  # warm-up
@@ -577,10 +574,24 @@ def worker_teacher(spec: dict) -> dict:
             teacher.score(items, contexts, 0.5)
             times.append(time.perf_counter() - start)
         seconds["+".join(contexts)] = _median(times)
+    # the work itself: forward calls and token positions (padding included) the model processed
+    work = {}
+    original_forward = teacher.model.forward
+
+    def counted(*a, **kw):
+        work["forwards"] += 1
+        work["positions"] += int(kw["input_ids"].numel())
+        return original_forward(*a, **kw)
+
     teacher.model.forward = counted
-    teacher.score(items, ["full", "partial", "reference_only"], 0.5)
+    per_contexts = {}
+    for contexts in (["full"], ["full", "partial", "reference_only"]):
+        work.update(forwards=0, positions=0)
+        teacher.score(items, contexts, 0.5)
+        per_contexts["+".join(contexts)] = dict(work)
     return {"seconds": seconds, "responses": len(items), "response_tokens": sum(len(r) for _, r in items),
-            "forwards": forwards["n"], "threads": torch.get_num_threads()}
+            "work": per_contexts, "forwards": per_contexts["full+partial+reference_only"]["forwards"],
+            "threads": torch.get_num_threads()}
 
 
 # --------------------------------------------------------------------------- registry, report, main
@@ -624,6 +635,8 @@ def write_report(out: Path, command: str, results: dict[str, dict], meta: dict) 
         if "error" in result:
             lines += [f"failed: {result['error']}", ""]
             continue
+        if result.get("command", command) != command:
+            lines += ["```", result["command"], "```", ""]
         lines += [*_table(result.get("rows", [])), ""]
         lines += [f"- {note}" for note in result.get("notes", [])]
         lines += [f"- Section time {result.get('seconds')} s; load average (1, 5, 15 min) before "
@@ -662,8 +675,7 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--lr", type=float, help="learning rate (default: the model config's learner.lr)")
     g.add_argument("--temperature", type=float, help="sampling temperature (default: the model config's)")
     g.add_argument("--eval-size", type=int, default=1,
-                   help="selfdistill run.eval_size: held-out problems evaluated before and after training "
-                   "(0 fails: train() reads eval_problems[0] for its sync probe)")
+                   help="selfdistill run.eval_size: held-out problems evaluated before and after training")
     g.add_argument("--trl-threads", type=int, default=CPU_CORES, help="torch threads of the TRL process")
     g.add_argument("--sd-override", action="append", default=[], metavar="KEY=VALUE",
                    help="extra dotted override for the selfdistill side (e.g. learner.num_cpus_per_rank=2)")
@@ -677,6 +689,8 @@ def main(argv: list[str] | None = None) -> None:
     g.add_argument("--gen-max-new-tokens", type=int)
     g.add_argument("--gen-repeats", type=int, default=3, help="timed calls after the warm-up (median reported)")
     g.add_argument("--gen-threads", type=int, default=CPU_CORES, help="OMP / torch threads of each engine process")
+    ap.add_argument("--merge", action="store_true",
+                    help="keep the other sections of an earlier OUT/throughput.json (each section records its command)")
     ap.add_argument("--worker", choices=list(WORKERS), help=argparse.SUPPRESS)
     ap.add_argument("--spec", help=argparse.SUPPRESS)
     ap.add_argument("--result", help=argparse.SUPPRESS)
@@ -693,6 +707,9 @@ def main(argv: list[str] | None = None) -> None:
                                                  *(argv if argv is not None else sys.argv[1:])])
     meta = _versions()
     results: dict[str, dict] = {}
+    if args.merge and (out / "throughput.json").is_file():
+        earlier = json.loads((out / "throughput.json").read_text())
+        results = {name: {"command": earlier["command"], **result} for name, result in earlier["sections"].items()}
     for name in args.sections:
         start, load_before = time.perf_counter(), [round(x, 2) for x in os.getloadavg()]
         try:
@@ -702,6 +719,7 @@ def main(argv: list[str] | None = None) -> None:
 
             traceback.print_exc()
             results[name] = {"error": f"{type(e).__name__}: {e}"}
+        results[name]["command"] = command
         results[name]["load_average_before"] = load_before
         results[name]["seconds"] = round(time.perf_counter() - start, 1)
         results[name]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
