@@ -21,14 +21,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _reference_loss(reference, objective, trajs):
-    """The objective's loss on a padded micro-batch through a plain transformers model."""
-    b = collate(trajs, None, pad_id=0)
-    logits = reference(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
-    logp = torch.log_softmax(logits[b.response_row, b.response_index], -1)
-    token = logp.gather(-1, b.tokens[..., None]).squeeze(-1)
-    loss, _ = objective(ObjectiveInputs(logp, b.tokens, b.mask, token.detach(), b.rewards, b.group_ids))
-    return loss
+class _Reference:
+    """A plain transformers model with PyTorch AdamW: what a learner step must equal."""
+
+    def __init__(self, model, cfg):
+        self.model = AutoModelForCausalLM.from_pretrained(model)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learner.lr, betas=(0.9, 0.999),
+                                           weight_decay=0.0)
+        self.objective = build_objective(cfg.objective)
+
+    def step(self, micro_batches):
+        """One update accumulating `share * loss` over (share, trajectories) micro-batches, each padded."""
+        self.optimizer.zero_grad()
+        for share, trajs in micro_batches:
+            b = collate(trajs, None, pad_id=0)
+            logits = self.model(input_ids=b.input_ids, attention_mask=b.attention_mask).logits
+            logp = torch.log_softmax(logits[b.response_row, b.response_index], -1)
+            token = logp.gather(-1, b.tokens[..., None]).squeeze(-1)
+            loss, _ = self.objective(ObjectiveInputs(logp, b.tokens, b.mask, token.detach(), b.rewards, b.group_ids))
+            (loss * share).backward()
+        self.optimizer.step()
 
 
 @pytest.mark.parametrize("zero_stage", [1, 2])
@@ -42,20 +54,16 @@ def test_micro_batched_deepspeed_step_equals_plain_adamw(tmp_path, monkeypatch, 
     trajs = [Trajectory(problem, g, [5, 6, 7], [8 + g, 9, 10 + i][: 2 + i], [-1.0] * 3, "stop", 0, reward=float(i))
              for g in range(2) for i in range(2)]
 
-    reference = AutoModelForCausalLM.from_pretrained(model)
-    optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
-    objective = build_objective(cfg.objective)
+    reference = _Reference(model, cfg)
     for _ in range(3):
         learner.train_step(trajs, None)
-        optimizer.zero_grad()
-        for group in range(2):  # the same two micro-batches, each weighted by its share of the batch
-            (_reference_loss(reference, objective, [t for t in trajs if t.group == group]) * 0.5).backward()
-        optimizer.step()
+        # the same two micro-batches, each weighted by its share of the batch
+        reference.step([(0.5, [t for t in trajs if t.group == group]) for group in range(2)])
         ours = dict(learner.engine.module.named_parameters())
-        for name, param in reference.named_parameters():
+        for name, param in reference.model.named_parameters():
             torch.testing.assert_close(ours[name].detach(), param.detach(), atol=1e-6, rtol=1e-5)
     initial = dict(AutoModelForCausalLM.from_pretrained(model).named_parameters())
-    assert any(not torch.equal(initial[n], p.detach()) for n, p in reference.named_parameters())
+    assert any(not torch.equal(initial[n], p.detach()) for n, p in reference.model.named_parameters())
 
 
 def test_token_budget_packed_two_ranks_equal_plain_adamw(tmp_path, monkeypatch):
@@ -81,22 +89,16 @@ def test_token_budget_packed_two_ranks_equal_plain_adamw(tmp_path, monkeypatch):
     ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         learner = LearnerGroup(cfg, str(model))
-        reference = AutoModelForCausalLM.from_pretrained(model)
-        optimizer = torch.optim.AdamW(reference.parameters(), lr=1e-2, betas=(0.9, 0.999), weight_decay=0.0)
-        objective = build_objective(cfg.objective)
+        reference = _Reference(model, cfg)
         for version in range(2):
             learner.train_step(trajs, None)
-            optimizer.zero_grad()
-            for rank, shares in passes.items():
-                for share, groups in zip(shares, groups_of[rank]):
-                    loss = _reference_loss(reference, objective, [t for t in trajs if t.group in groups])
-                    (loss * share / 2).backward()  # ZeRO averages the ranks' gradients
-            optimizer.step()
+            reference.step([(share / 2, [t for t in trajs if t.group in groups])  # ZeRO averages the ranks' gradients
+                            for rank, shares in passes.items() for share, groups in zip(shares, groups_of[rank])])
             handle, _ = learner.publish(version)
             ours = {name: t for ref in handle for name, t in ray.get(ref).items()}
             # Adam's g / sqrt(v) magnifies rounding in near-zero gradients (packed rows, gloo averaging) to
             # ~1e-6; a wrong micro-batch weight would be off by about lr = 1e-2.
-            for name, param in reference.named_parameters():
+            for name, param in reference.model.named_parameters():
                 torch.testing.assert_close(ours[name], param.detach(), atol=1e-5, rtol=1e-5)
     finally:
         ray.shutdown()

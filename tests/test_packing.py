@@ -8,15 +8,15 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from selfdistill.config import LearnerConfig
-from selfdistill.learner.actor import LearnerActor, _micro_batches
+from selfdistill.learner.actor import LearnerActor
 from selfdistill.learner.batching import (
     collate,
+    micro_batch_plan,
     pack_rows,
     plan_micro_batches,
     shard_groups,
     split_micro_batches,
 )
-from selfdistill.learner.group import _micro_batch_count
 from selfdistill.records import Problem, Trajectory
 
 PROBLEM = Problem("p", "q", "r", "1")
@@ -52,17 +52,26 @@ def test_ranks_get_the_same_number_of_passes():
     trajs = [_traj(g, p, r, seed=g * 2 + i) for g, (p, r) in enumerate(sizes) for i in range(2)]
     shards = shard_groups(trajs, 2)
     assert [sorted({trajs[i].group for i in s}) for s in shards] == [[0, 1, 2], [3, 4]]
-    counts = [_micro_batch_count([trajs[i] for i in s], lc) for s in shards]
+    counts = [len(micro_batch_plan([trajs[i] for i in s], lc.micro_batch_groups, lc.micro_batch_tokens))
+              for s in shards]
     assert counts == [2, 1]
     target = max(counts)
     for shard in shards:
-        micro = _micro_batches([trajs[i] for i in shard], None, lc, target)
-        assert len(micro) == target
-        for mb_trajs, _ in micro:
+        shard_trajs = [trajs[i] for i in shard]
+        plan = micro_batch_plan(shard_trajs, lc.micro_batch_groups, lc.micro_batch_tokens, target)
+        assert len(plan) == target
+        assert sorted(i for idx in plan for i in idx) == list(range(len(shard_trajs)))
+        for idx in plan:
+            mb_trajs = [shard_trajs[i] for i in idx]
             groups = {t.group for t in mb_trajs}
             assert all(sum(t.group == g for t in mb_trajs) == 2 for g in groups)  # whole groups
     one_group = [t for t in trajs if t.group == 2]
-    assert len(_micro_batches(one_group, None, lc, 3)) == 1  # the rank tops up with zero-weighted passes
+    # the rank tops up with zero-weighted passes
+    assert len(micro_batch_plan(one_group, lc.micro_batch_groups, lc.micro_batch_tokens, 3)) == 1
+    with pytest.raises(ValueError, match="more than the 1 asked for"):
+        micro_batch_plan(trajs, lc.micro_batch_groups, lc.micro_batch_tokens, 1)
+    with pytest.raises(ValueError, match="prompt groups"):
+        shard_groups(one_group, 2)
     with pytest.raises(ValueError, match="prompt groups"):
         shard_groups(one_group, 2)
 

@@ -5,8 +5,8 @@ import time
 
 import pytest
 
-from selfdistill.launch.collect import _chunks
 from selfdistill.launch.pipeline import RolloutPipeline
+from selfdistill.launch.roles import chunk_bounds
 
 
 def _run(max_staleness: int, steps: int = 5, train_seconds: float = 0.02):
@@ -81,7 +81,8 @@ def test_leaving_early_stops_a_waiting_producer():
 
 
 def test_chunks_cover_the_batch_once():
-    assert _chunks(16, 1) == [(0, 16)]
-    assert _chunks(16, 2) == [(0, 4), (4, 8), (8, 12), (12, 16)]
-    assert _chunks(5, 2) == [(0, 2), (2, 4), (4, 5)]
-    assert _chunks(0, 3) == []
+    assert chunk_bounds(16, 1) == [(0, 16)]
+    assert chunk_bounds(16, 4) == [(0, 4), (4, 8), (8, 12), (12, 16)]
+    assert chunk_bounds(5, 4) == [(0, 2), (2, 3), (3, 4), (4, 5)]
+    assert chunk_bounds(2, 4) == [(0, 1), (1, 2)]  # never an empty chunk
+    assert chunk_bounds(0, 3) == []

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import ray
 
+from selfdistill.launch.roles import chunk_bounds
 from selfdistill.records import Problem, TeacherScores, Trajectory
 
 
@@ -82,7 +83,9 @@ class _Collector:
     def generate(self, problems: list[Problem], sampling):
         """Yield each problem's verified group of trajectories as soon as its samples are done."""
         prompts = [self.roles.prompt(p) for p in problems]
-        chunks = _chunks(len(prompts), len(self.roles.engines))
+        # Two chunks per engine when there are several: one that finishes early takes over work from a slower one.
+        engines = len(self.roles.engines)
+        chunks = chunk_bounds(len(prompts), 1 if engines == 1 else 2 * engines)
         streams: dict = {}  # ObjectRefGenerator -> (engine, offset of its chunk)
         free = list(self.roles.engines)
         started = time.perf_counter()
@@ -143,10 +146,3 @@ class _Collector:
         if self.waiting:
             self._send()
 
-
-def _chunks(n: int, engines: int) -> list[tuple[int, int]]:
-    """[lo, hi) prompt ranges: the whole batch for one engine, else two chunks per engine so
-    that an engine that finishes early takes over work from a slower one."""
-    parts = 1 if engines == 1 else 2 * engines
-    size = -(-n // parts) if n else 0
-    return [(lo, min(n, lo + size)) for lo in range(0, n, size)] if size else []

@@ -25,7 +25,8 @@ class Roles:
                  resume_from: str | None = None, version: int = 0):
         self.cfg, self.tokenizer, self.contexts = cfg, tokenizer, contexts
         rollout_cls = ray.remote(RolloutActor).options(num_cpus=cfg.rollout.num_cpus_per_engine)
-        self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine, cfg.sync, version) for _ in range(cfg.rollout.num_engines)]
+        self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine, cfg.sync, version)
+                        for _ in range(cfg.rollout.num_engines)]
         self.teacher = None
         if contexts:
             teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus)
@@ -42,12 +43,10 @@ class Roles:
     # ------------------------------------------------------------------ stages
 
     def sample(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
-        """`sampling.n` samples per prompt, prompts split evenly across engines (each chunk its own seeds)."""
-        chunks = _split(list(range(len(prompts))), len(self.engines))
-        refs = []
-        for engine, idx in zip(self.engines, chunks):
-            seed = None if sampling.seed is None else sampling.seed + (idx[0] if idx else 0) * sampling.n
-            refs.append(engine.generate.remote([prompts[i] for i in idx], sampling.model_copy(update={"seed": seed})))
+        """`sampling.n` samples per prompt, one chunk of prompts per engine, in prompt order."""
+        chunks = chunk_bounds(len(prompts), len(self.engines))
+        refs = [engine.generate.remote(prompts[lo:hi], _seeded(sampling, lo))
+                for engine, (lo, hi) in zip(self.engines, chunks)]
         return [samples for out in ray.get(refs) for samples in out]
 
     def prompt(self, problem: Problem) -> list[int]:
@@ -57,14 +56,12 @@ class Roles:
     def start_stream(self, engine, prompts: list[list[int]], sampling: SamplingConfig, offset: int):
         """Start sampling on `engine`; a Ray generator of (index in `prompts`, samples, weight version).
 
-        `offset` is the chunk's place in the step's batch: prompt i of the batch gets seeds
-        seed + i*n + j wherever it runs, so results do not depend on how prompts were split.
+        `offset` is the chunk's place in the step's batch (see `_seeded`).
         """
-        seed = None if sampling.seed is None else sampling.seed + offset * sampling.n
-        return engine.generate_stream.options(num_returns="streaming").remote(
-            prompts, sampling.model_copy(update={"seed": seed}))
+        return engine.generate_stream.options(num_returns="streaming").remote(prompts, _seeded(sampling, offset))
 
-    def trajectories(self, problem: Problem, prompt: list[int], samples: list[Sample], version: int) -> list[Trajectory]:
+    def trajectories(self, problem: Problem, prompt: list[int], samples: list[Sample],
+                     version: int) -> list[Trajectory]:
         """One prompt group's trajectories (group id set later, when the batch is assembled)."""
         return [
             Trajectory(problem=problem, group=-1, prompt_ids=prompt, response_ids=list(s.token_ids),
@@ -113,11 +110,21 @@ class Roles:
         self.verifier.close()
 
 
-def _split(items: list[int], parts: int) -> list[list[int]]:
-    size, extra = divmod(len(items), parts)
-    out, start = [], 0
+def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:
+    """[lo, hi) ranges cutting n items into at most `parts` contiguous, non-empty chunks of near-equal size."""
+    size, extra = divmod(n, parts)
+    bounds, lo = [], 0
     for k in range(parts):
-        end = start + size + (k < extra)
-        out.append(items[start:end])
-        start = end
-    return out
+        hi = lo + size + (k < extra)
+        if hi > lo:
+            bounds.append((lo, hi))
+        lo = hi
+    return bounds
+
+
+def _seeded(sampling: SamplingConfig, offset: int) -> SamplingConfig:
+    """Sampling for a chunk that starts at prompt `offset` of the batch: prompt i of the batch gets seeds
+    seed + i*n + j wherever it runs, so results do not depend on how prompts were split across engines."""
+    if sampling.seed is None:
+        return sampling
+    return sampling.model_copy(update={"seed": sampling.seed + offset * sampling.n})

@@ -16,14 +16,8 @@ from pathlib import Path
 
 import torch
 
-from selfdistill.config import LearnerConfig, TrainConfig
-from selfdistill.learner.batching import (
-    collate,
-    group_tokens,
-    plan_micro_batches,
-    prompt_groups,
-    split_micro_batches,
-)
+from selfdistill.config import TrainConfig
+from selfdistill.learner.batching import MicroBatch, collate, micro_batch_plan
 from selfdistill.learner.objectives import build_objective
 from selfdistill.learner.objectives.base import ObjectiveInputs
 from selfdistill.learner.sync import build_transport
@@ -108,15 +102,14 @@ class LearnerActor:
         lc = self.cfg.learner
         pad = self.engine.module.config.pad_token_id or 0
         row_tokens = lc.packed_row_tokens if lc.packing else None
-        micro = _micro_batches(trajs, scores, lc, num_micro_batches)
+        plan = micro_batch_plan(trajs, lc.micro_batch_groups, lc.micro_batch_tokens, num_micro_batches)
         totals: dict[str, float] = {}
-        for mb_trajs, mb_scores in micro:
-            batch = collate(mb_trajs, mb_scores, pad, row_tokens)
-            student = self._student_logprobs(batch.input_ids, batch.response_row, batch.response_index,
-                                             batch.attention_mask, batch.position_ids)
-            token_lp = student.gather(-1, batch.tokens[..., None]).squeeze(-1)
-            old = token_lp.detach() if lc.old_logprobs == "learner" else batch.sampling_logprobs
-            is_weights, is_metrics = self._importance_weights(token_lp.detach(), batch)
+        for idx in plan:
+            batch = collate([trajs[i] for i in idx], [scores[i] for i in idx] if scores else None, pad, row_tokens)
+            student = self._batch_logprobs(batch)
+            learner_lp = student.gather(-1, batch.tokens[..., None]).squeeze(-1).detach()
+            old = learner_lp if lc.old_logprobs == "learner" else batch.sampling_logprobs
+            is_weights, is_metrics = self._importance_weights(learner_lp, batch)
             inputs = ObjectiveInputs(
                 student_logprobs=student, tokens=batch.tokens, mask=batch.mask, old_logprobs=old,
                 rewards=batch.rewards, group_ids=batch.group_ids, teacher=batch.teacher, step=self.step,
@@ -124,17 +117,14 @@ class LearnerActor:
             )
             loss, metrics = self.objective(inputs)
             metrics.update(is_metrics)
-            share = len(mb_trajs) / len(trajs)
+            share = len(idx) / len(trajs)
             self.engine.backward(loss * share, scale_wrt_gas=False)
             metrics = {"loss": float(loss.detach()), **metrics}
             for k, v in metrics.items():
                 totals[k] = totals.get(k, 0.0) + share * float(v)
-        idle_passes = (num_micro_batches or len(micro)) - len(micro)
-        for _ in range(idle_passes):
+        for _ in range((num_micro_batches or len(plan)) - len(plan)):
             # Fewer groups than passes: a zero-weighted pass on one sequence still runs ZeRO's collectives.
-            batch = collate(trajs[:1], None, pad, row_tokens)
-            student = self._student_logprobs(batch.input_ids, batch.response_row, batch.response_index,
-                                             batch.attention_mask, batch.position_ids)
+            student = self._batch_logprobs(collate(trajs[:1], None, pad, row_tokens))
             self.engine.backward(student.sum() * 0.0, scale_wrt_gas=False)
         self.engine.step()
         self.step += 1
@@ -159,6 +149,10 @@ class LearnerActor:
                        "is_truncated_frac": float(((ratio > self.cfg.learner.tis_cap) * batch.mask).sum() / count)}
         return weights, metrics
 
+    def _batch_logprobs(self, batch: MicroBatch):
+        return self._student_logprobs(batch.input_ids, batch.response_row, batch.response_index,
+                                      batch.attention_mask, batch.position_ids)
+
     def _student_logprobs(self, input_ids, response_row, response_index, attention_mask=None, position_ids=None,
                           temperature: float | None = None):
         """[B, T, V] log-probs at the response positions (row, column) of the (possibly packed) rows."""
@@ -168,7 +162,8 @@ class LearnerActor:
         # use_cache=False: with a KV cache, transformers ignores the packed sequences in position_ids.
         logits = self.engine(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              use_cache=False, logits_to_keep=keep).logits
-        rows = logits[response_row, torch.searchsorted(keep, response_index)].float() / (temperature or self.temperature)
+        rows = logits[response_row, torch.searchsorted(keep, response_index)].float()
+        rows = rows / (temperature or self.temperature)
         return torch.log_softmax(rows, dim=-1)
 
     @torch.no_grad()
@@ -241,18 +236,3 @@ class LearnerActor:
         self.engine.save_checkpoint(str(Path(path) / "deepspeed"), tag=DEEPSPEED_TAG,
                                     client_state={**client_state, "step": self.step})
 
-
-def _micro_batches(trajs: list[Trajectory], scores: list[TeacherScores] | None, lc: LearnerConfig,
-                   num_micro_batches: int | None = None) -> list[tuple[list[Trajectory], list[TeacherScores] | None]]:
-    """(trajectories, scores) of each micro-batch: whole prompt groups, split towards `num_micro_batches`."""
-    groups = prompt_groups(trajs)
-    plan = plan_micro_batches(group_tokens(trajs, groups), lc.micro_batch_groups, lc.micro_batch_tokens)
-    if num_micro_batches is not None:
-        if len(plan) > num_micro_batches:
-            raise ValueError(f"{len(plan)} micro-batches planned, more than the {num_micro_batches} asked for")
-        plan = split_micro_batches(plan, num_micro_batches)
-    out = []
-    for micro in plan:
-        idx = [i for g in micro for i in groups[g]]
-        out.append(([trajs[i] for i in idx], [scores[i] for i in idx] if scores else None))
-    return out

@@ -100,6 +100,19 @@ def split_micro_batches(plan: list[list[int]], count: int) -> list[list[int]]:
     return plan
 
 
+def micro_batch_plan(trajs: Sequence[Trajectory], groups_per_batch: int, token_budget: int | None,
+                     count: int | None = None) -> list[list[int]]:
+    """Trajectory indices of each micro-batch: whole prompt groups, `groups_per_batch` at a time or
+    within `token_budget`, then split towards `count` passes (every rank must make the same number)."""
+    groups = prompt_groups(trajs)
+    plan = plan_micro_batches(group_tokens(trajs, groups), groups_per_batch, token_budget)
+    if count is not None:
+        if len(plan) > count:
+            raise ValueError(f"{len(plan)} micro-batches planned, more than the {count} asked for")
+        plan = split_micro_batches(plan, count)
+    return [[i for g in micro for i in groups[g]] for micro in plan]
+
+
 def pack_rows(lengths: Sequence[int], row_tokens: int) -> list[list[int]]:
     """Sequence indices per row, first-fit decreasing into rows of max(longest sequence, row_tokens) tokens."""
     capacity = max(max(lengths), row_tokens)

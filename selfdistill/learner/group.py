@@ -6,9 +6,9 @@ import socket
 
 import ray
 
-from selfdistill.config import LearnerConfig, TrainConfig
+from selfdistill.config import TrainConfig
 from selfdistill.learner.actor import LearnerActor
-from selfdistill.learner.batching import group_tokens, plan_micro_batches, prompt_groups, shard_groups
+from selfdistill.learner.batching import micro_batch_plan, shard_groups
 from selfdistill.records import TeacherScores, Trajectory
 
 
@@ -16,11 +16,6 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def _micro_batch_count(trajs: list[Trajectory], lc: LearnerConfig) -> int:
-    groups = prompt_groups(trajs)
-    return len(plan_micro_batches(group_tokens(trajs, groups), lc.micro_batch_groups, lc.micro_batch_tokens))
 
 
 class LearnerGroup:
@@ -35,7 +30,9 @@ class LearnerGroup:
     def train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
         """Whole prompt groups to each rank; every rank makes as many micro-batch passes as the busiest one."""
         shards = shard_groups(trajs, len(self.actors))
-        num_micro_batches = max(_micro_batch_count([trajs[i] for i in shard], self.cfg.learner) for shard in shards)
+        lc = self.cfg.learner
+        num_micro_batches = max(len(micro_batch_plan([trajs[i] for i in shard], lc.micro_batch_groups,
+                                                     lc.micro_batch_tokens)) for shard in shards)
         refs = [actor.train_step.remote([trajs[i] for i in shard], [scores[i] for i in shard] if scores else None,
                                         num_micro_batches)
                 for actor, shard in zip(self.actors, shards)]
