@@ -171,8 +171,9 @@ def section_trl(args, out: Path) -> dict:
 
     rows, details = [], {}
     notes = [
-        "Per-step seconds: median (and min) over steps 2..N. selfdistill: `time/step` of metrics.jsonl (generate + verify + "
-        "train + sync, no logging or checkpoint); TRL: on_step_begin -> on_step_end of a TrainerCallback "
+        "Per-step seconds: median (and min) over steps 2..N. selfdistill: `time/step` of metrics.jsonl (the learner's "
+        "period: idle waiting for the batch + train + sync; no logging or checkpoint); TRL: on_step_begin -> "
+        "on_step_end of a TrainerCallback "
         "(generation, reward, forward/backward over all micro-batches, optimizer step).",
         "Wall seconds: selfdistill `train()` from call to return (model preparation, Ray + vLLM + DeepSpeed start-up, "
         "steps, the final checkpoint it always writes, plot); TRL: model and tokenizer load + GRPOTrainer "
@@ -495,7 +496,7 @@ STAGES = ("generate", "verify", "teacher", "collect", "idle", "train", "sync", "
 
 def section_pipeline(args, out: Path) -> dict:
     """The embedded default job (tiny model, OPSD) synchronous vs asynchronous, stage by stage."""
-    rows, runs = [], {}
+    rows = []
     for k in (0, 1):
         metrics, wall = run_selfdistill({"run.steps": args.pipeline_steps, "run.eval_size": 0,
                                          "rollout.max_staleness": k}, out, "tiny", name=f"tiny-opsd-staleness{k}")
@@ -503,19 +504,18 @@ def section_pipeline(args, out: Path) -> dict:
         row = {"mode": "synchronous (max_staleness 0)" if k == 0 else f"asynchronous (max_staleness {k})",
                **{f"{stage} s": _median([r.get(f"time/{stage}", 0.0) for r in steady]) for stage in STAGES},
                "sync share": f'{_median([r["time/sync"] / r["time/step"] for r in steady]):.1%}',
-               "sync_share": _median([r["time/sync"] / r["time/step"] for r in steady]),
                "staleness": _mean([r["rollout/staleness_mean"] for r in steady]),
                "generate tok/s": _median([r.get("throughput/generate_tokens_per_s", 0.0) for r in steady]),
                "train tok/s": _median([r.get("throughput/train_tokens_per_s", 0.0) for r in steady]),
                "wall s": wall}
         rows.append(row)
-        runs[k] = row
-    ratio = runs[1]["step s"] / runs[0]["step s"]
+    synchronous, asynchronous = rows
+    ratio = asynchronous["step s"] / synchronous["step s"]
     notes = [
         f"{args.pipeline_steps} steps of the default job (16 prompts x G=4, OPSD, frozen teacher) per mode; "
         "medians over steps 2..N from metrics.jsonl.",
         f"asynchronous / synchronous step time: {ratio:.2f} (target <= 0.7).",
-        f"weight sync share of the synchronous step: {runs[0]['sync_share']:.1%} (target < 5%).",
+        f"weight sync share of the synchronous step: {synchronous['sync share']} (target < 5%).",
         "step = idle + train + sync, the learner's period; generate/verify/teacher/collect run in the pipeline "
         "thread (overlapping training when asynchronous). In asynchronous mode 'sync' also waits for the engine "
         "to finish the batch it is generating before it loads the new weights.",
