@@ -5,7 +5,6 @@ Each run starts its own cluster and stops it; afterwards no actor process is lef
 """
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from selfdistill.config import load_config
+from selfdistill.launch.processes import alive
 from selfdistill.launch.run_dir import latest_checkpoint
 from selfdistill.launch.train import train
 from selfdistill.models.tiny import build_tiny_model
@@ -37,14 +37,6 @@ def _config(tmp_path, model, *overrides):
         "rollout.sampling.max_new_tokens=24", "learner.micro_batch_groups=1", "sync.check_every=1",
         "learner.lr=1e-3", *overrides,
     ])
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _metrics(run_dir: Path) -> list[dict]:
@@ -78,7 +70,7 @@ def _assert_run(cfg, summary, initial_model: Path):
     assert torch.equal(model.state_dict()["model.norm.weight"], after["model.norm.weight"])
     for pids in summary["pids"].values():
         for pid in (pids if isinstance(pids, list) else [pids]):
-            assert pid is None or not _alive(pid), f"actor process {pid} still alive after the run"
+            assert pid is None or not alive(pid), f"actor process {pid} still alive after the run"
     return rows
 
 

@@ -11,6 +11,7 @@ import time
 import ray
 
 from selfdistill.config import TrainConfig
+from selfdistill.launch.processes import stop_actors
 from selfdistill.learner.group import LearnerGroup
 from selfdistill.records import Problem, TeacherScores, Trajectory
 from selfdistill.rewards import build_reward
@@ -24,21 +25,30 @@ class Roles:
     def __init__(self, cfg: TrainConfig, policy_path: str, teacher_path: str, tokenizer, contexts: tuple[str, ...],
                  resume_from: str | None = None, version: int = 0):
         self.cfg, self.tokenizer, self.contexts = cfg, tokenizer, contexts
-        rollout_cls = ray.remote(RolloutActor).options(num_cpus=cfg.rollout.num_cpus_per_engine)
-        self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine, cfg.sync, version)
-                        for _ in range(cfg.rollout.num_engines)]
-        self.teacher = None
-        if contexts:
-            teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus)
-            self.teacher = teacher_cls.remote(teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync,
-                                              cfg.chat)
-        self.learner = LearnerGroup(cfg, policy_path, resume_from)
-        self.pids = {
-            "rollout": ray.get([e.ready.remote() for e in self.engines]),
-            "teacher": ray.get(self.teacher.ready.remote()) if self.teacher else None,
-            "learner": self.learner.pids,
-        }
-        self.verifier = build_reward(cfg.reward)
+        self.engines, self.teacher, self.learner, self.verifier = [], None, None, None
+        self.pids: dict = {"rollout": [], "teacher": None, "learner": []}
+        try:
+            rollout_cls = ray.remote(RolloutActor).options(num_cpus=cfg.rollout.num_cpus_per_engine)
+            self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine, cfg.sync, version)
+                            for _ in range(cfg.rollout.num_engines)]
+            if contexts:
+                teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus)
+                self.teacher = teacher_cls.remote(teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature,
+                                                  cfg.sync, cfg.chat)
+            self.learner = LearnerGroup(cfg, policy_path, resume_from)  # starts while the engines load
+            self.pids["learner"] = self.learner.pids
+            self.pids["rollout"] = ray.get([e.ready.remote() for e in self.engines])
+            self.pids["teacher"] = ray.get(self.teacher.ready.remote()) if self.teacher else None
+            self.verifier = build_reward(cfg.reward)
+        except BaseException:
+            self.close()
+            raise
+
+    def __enter__(self) -> Roles:
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ stages
 
@@ -106,8 +116,16 @@ class Roles:
         engines = ray.get([e.sequence_logprobs.remote([sequence]) for e in self.engines])
         return max(abs(a - b) for out in engines for a, b in zip(out[0], learner))
 
-    def close(self) -> None:
-        self.verifier.close()
+    def close(self, timeout_s: float = 60.0) -> None:
+        """Stop the verifier and every actor, and wait (bounded) until their processes have exited."""
+        if self.verifier is not None:
+            self.verifier.close()
+        actors = [*self.engines, *([self.teacher] if self.teacher is not None else []),
+                  *(self.learner.actors if self.learner is not None else [])]
+        pids = [*self.pids["rollout"], self.pids["teacher"], *self.pids["learner"]]
+        left = stop_actors(actors, pids, timeout_s)
+        if left:
+            print(f"selfdistill: actor processes {left} still running {timeout_s:.0f} s after they were stopped")
 
 
 def chunk_bounds(n: int, parts: int) -> list[tuple[int, int]]:

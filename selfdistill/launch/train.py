@@ -59,54 +59,53 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     num_cpus = cfg.cluster.num_cpus or _cpus_needed(cfg, contexts)
     with ray_cluster(cfg.cluster.address, num_cpus):
         console.status("starting Ray actors (vLLM engines, teacher, DeepSpeed ranks)")
-        roles = Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start)
-        before = state.get("eval_before") or held_out_eval(roles, eval_problems, cfg)
-        accuracy_key = f"eval/avg@{cfg.run.eval_k}"
-        console.note(f"held-out accuracy before training ({accuracy_key}): {before.get(accuracy_key, float('nan')):.3f} "
-                     f"on {len(eval_problems)} problems")
-        probe = tokenizer(train_problems[0].question + train_problems[0].reference)["input_ids"]  # sync check
-        exposure_lock = threading.Lock()  # alpha() runs in the pipeline's thread, observe() in this one
+        with Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start) as roles:
+            before = state.get("eval_before") or held_out_eval(roles, eval_problems, cfg)
+            accuracy_key = f"eval/avg@{cfg.run.eval_k}"
+            console.note(f"held-out accuracy before training ({accuracy_key}): {before.get(accuracy_key, float('nan')):.3f} "
+                         f"on {len(eval_problems)} problems")
+            probe = tokenizer(train_problems[0].question + train_problems[0].reference)["input_ids"]  # sync check
+            exposure_lock = threading.Lock()  # alpha() runs in the pipeline's thread, observe() in this one
 
-        def make_batch(step: int) -> Batch:
-            sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.run.seed * 100_003 + step})
-            with exposure_lock:
-                alpha = exposure.alpha(step) if "partial" in contexts else None
-            return collect_batch(roles, sampler, cfg, sampling, alpha)
+            def make_batch(step: int) -> Batch:
+                sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.run.seed * 100_003 + step})
+                with exposure_lock:
+                    alpha = exposure.alpha(step) if "partial" in contexts else None
+                return collect_batch(roles, sampler, cfg, sampling, alpha)
 
-        pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness)
-        with console.progress(cfg.run.steps, start) as bar, pipeline:
-            for step in range(start + 1, cfg.run.steps + 1):
-                t = {}
-                with _timed(t, "idle"):  # the learner waits for the batch
-                    batch = pipeline.get(step)
-                with _timed(t, "train"):
-                    train_metrics = roles.train(batch.trajs, batch.scores)
-                with _timed(t, "sync"):
-                    sync_info = roles.publish(version=step)
-                pipeline.published(step)
-                t["step"] = t["idle"] + t["train"] + t["sync"]
-                metrics = {**step_metrics(batch.trajs, train_metrics, {**batch.seconds, **t}, step), **batch.info,
-                           **sync_info}
-                if "partial" in contexts:
-                    with exposure_lock:
-                        metrics.update(exposure.observe(step, metrics))
-                if cfg.run.eval_every and step % cfg.run.eval_every == 0:
-                    metrics.update(held_out_eval(roles, eval_problems, cfg))
-                if cfg.sync.check_every and step % cfg.sync.check_every == 0:
-                    metrics["sync/max_logprob_gap"] = roles.sync_gap(probe)
-                log.write(step, metrics)
-                bar.advance(step, metrics)
-                if step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
-                    path = checkpoint_dir(run_dir, step)
-                    roles.save_checkpoint(path, {"data": batch.data_state})
-                    with exposure_lock:
-                        exposure_state = exposure.state_dict()
-                    write_trainer_state(path, {"step": step, "data": batch.data_state, "initial_model": initial_model,
-                                               "eval_before": before, "exposure": exposure_state})
-                    prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
-        after = held_out_eval(roles, eval_problems, cfg)
-        pids = roles.pids
-        roles.close()
+            pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness)
+            with console.progress(cfg.run.steps, start) as bar, pipeline:
+                for step in range(start + 1, cfg.run.steps + 1):
+                    t = {}
+                    with _timed(t, "idle"):  # the learner waits for the batch
+                        batch = pipeline.get(step)
+                    with _timed(t, "train"):
+                        train_metrics = roles.train(batch.trajs, batch.scores)
+                    with _timed(t, "sync"):
+                        sync_info = roles.publish(version=step)
+                    pipeline.published(step)
+                    t["step"] = t["idle"] + t["train"] + t["sync"]
+                    metrics = {**step_metrics(batch.trajs, train_metrics, {**batch.seconds, **t}, step), **batch.info,
+                               **sync_info}
+                    if "partial" in contexts:
+                        with exposure_lock:
+                            metrics.update(exposure.observe(step, metrics))
+                    if cfg.run.eval_every and step % cfg.run.eval_every == 0:
+                        metrics.update(held_out_eval(roles, eval_problems, cfg))
+                    if cfg.sync.check_every and step % cfg.sync.check_every == 0:
+                        metrics["sync/max_logprob_gap"] = roles.sync_gap(probe)
+                    log.write(step, metrics)
+                    bar.advance(step, metrics)
+                    if step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
+                        path = checkpoint_dir(run_dir, step)
+                        roles.save_checkpoint(path, {"data": batch.data_state})
+                        with exposure_lock:
+                            exposure_state = exposure.state_dict()
+                        write_trainer_state(path, {"step": step, "data": batch.data_state, "initial_model": initial_model,
+                                                   "eval_before": before, "exposure": exposure_state})
+                        prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
+            after = held_out_eval(roles, eval_problems, cfg)
+            pids = roles.pids
     log.close()
     plot_run(run_dir)
     summary = {"run_dir": str(run_dir), "steps": cfg.run.steps, "accuracy_key": accuracy_key,
