@@ -36,7 +36,7 @@ class Trajectory:
     weight_version: int  # version of the weights that generated it
     text: str = ""
     reward: float = 0.0
-    verify_status: str = ""  # "correct" | "wrong" | "unparsable" | "timeout" | "error"
+    verify_status: str = ""  # "correct" | "wrong" | "unparsable" | "refused" | "timeout" | "error"
 
 
 @dataclass

@@ -23,7 +23,7 @@ def step_metrics(trajs: list[Trajectory], train: dict[str, float], seconds: dict
         "reward/accuracy": status["correct"] / n,
         "response/length": sum(lengths) / n,
         "response/truncated": sum(t.finish_reason == "length" for t in trajs) / n,
-        **{f"verify/{s}": status[s] / n for s in ("unparsable", "timeout", "error")},
+        **{f"verify/{s}": status[s] / n for s in ("unparsable", "refused", "timeout", "error")},
         **{f"train/{k}": v for k, v in train.items()},
         "rollout/staleness_mean": sum(staleness) / n,
         "rollout/staleness_max": max(staleness),

@@ -7,10 +7,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from selfdistill.rewards.guard import AnswerLimits
 from selfdistill.rewards.math_verifier import STATUSES, MathVerifier, VerifyResult, extract_boxed
 
 __all__ = [
     "STATUSES",
+    "AnswerLimits",
     "MathVerifier",
     "RewardConfig",
     "VerifyResult",
@@ -42,11 +44,16 @@ class RewardConfig(BaseModel):
         description="Worker processes for answers that need math-verify. Plain-integer and "
         "identical answers are decided in the caller and cost no worker time.",
     )
+    limits: AnswerLimits = Field(
+        default_factory=AnswerLimits,
+        description="Answers that break these bounds are refused in the caller (status `refused`, reward 0) "
+        "before any worker sees them.",
+    )
 
 
 def build_reward(cfg: RewardConfig) -> MathVerifier:
     """The verifier `cfg` names. Close it when done (it owns worker processes)."""
-    return MathVerifier(timeout_s=cfg.timeout_s, num_workers=cfg.num_workers)
+    return MathVerifier(timeout_s=cfg.timeout_s, num_workers=cfg.num_workers, limits=cfg.limits)
 
 
 def status_counts(results: list[VerifyResult]) -> dict[str, int]:

@@ -95,6 +95,7 @@ class DeadlinePool:
         self._slots: list[_Slot] = []
         self._lock = threading.Lock()  # one map at a time: slots are not shared between calls
         self._closed = False
+        self.started = 0  # worker processes started so far, replacements included
         self._finalizer = weakref.finalize(self, _shutdown, self._slots)
 
     def map(self, items: list[Any]) -> list[tuple[str, Any]]:
@@ -123,6 +124,7 @@ class DeadlinePool:
         parent_conn, child_conn = self._ctx.Pipe()
         process = self._ctx.Process(target=_serve, args=(child_conn, self._fn, self._warm_up), daemon=True)
         process.start()
+        self.started += 1
         child_conn.close()
         return _Slot(process, parent_conn, deadline=time.monotonic() + self._start_timeout_s)
 

@@ -1,8 +1,9 @@
 """Math answer verifier: the reward of a response is whether its last `\\boxed{}` equals the gold.
 
 Cheap cases are decided in the calling process (identical answers after light
-normalisation, two plain integers): the default CPU task never leaves it. Everything else
-goes to `math_check.check` (math-verify, then a safe sympy fallback) in a `DeadlinePool`,
+normalisation, two plain integers): the default CPU task never leaves it. Answers no checker
+should spend time on (power towers, huge limits, deep nesting, overlong or look-alike text:
+`guard.py`) are refused there too, with status `refused`. Everything else goes to `math_check.check` (math-verify, then a safe sympy fallback) in a `DeadlinePool`,
 so a pathological answer costs at most `timeout_s` and never stalls the run. Usable from
 any thread and inside Ray actors.
 """
@@ -13,8 +14,9 @@ import re
 from dataclasses import dataclass
 
 from selfdistill.rewards.deadline_pool import DeadlinePool
+from selfdistill.rewards.guard import AnswerLimits, refusal
 
-STATUSES = ("correct", "wrong", "unparsable", "timeout", "error")
+STATUSES = ("correct", "wrong", "unparsable", "refused", "timeout", "error")
 
 _BOX_TOKEN = re.compile(r"\\(?:boxed|fbox)\s*\{|\\[{}]|[{}]")
 _SPACING = re.compile(r"\\[,;:! ]|\\quad|\\qquad|\s+|\\left|\\right")
@@ -29,12 +31,14 @@ class VerifyResult:
     """Reward of one response and why, one of `STATUSES`.
 
     correct (1.0): equals the gold. wrong (0.0): a parsed answer that differs. unparsable
-    (0.0): no `\\boxed{}` answer, or nothing in it parses. timeout (0.0): checking it took
+    (0.0): no `\\boxed{}` answer, or nothing in it parses. refused (0.0): the answer breaks one
+    of the `AnswerLimits` (`reason` says which) and no checker saw it. timeout (0.0): checking it took
     longer than `timeout_s`. error (0.0): the gold answer is empty or the check crashed.
     """
 
     reward: float
     status: str
+    reason: str = ""
 
 
 def extract_boxed(text: str) -> str | None:
@@ -89,10 +93,12 @@ class MathVerifier:
     """Scores responses against gold answers; see the module docstring.
 
     `timeout_s` bounds the time spent on one answer; `num_workers` processes verify in
-    parallel and start on first need. Call `close()` (or use `with`) to stop them.
+    parallel and start on first need. `limits` refuses hopeless answers before any worker
+    (None: every answer goes to a worker). Call `close()` (or use `with`) to stop them.
     """
 
-    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2):
+    def __init__(self, timeout_s: float = 5.0, num_workers: int = 2, limits: AnswerLimits | None = AnswerLimits()):
+        self.limits = limits
         # By name: sympy and math-verify load in the workers only, never in the caller.
         self._pool = DeadlinePool(
             "selfdistill.rewards.math_check.check",
@@ -106,9 +112,13 @@ class MathVerifier:
         if len(responses) != len(golds):
             raise ValueError(f"score: {len(responses)} responses but {len(golds)} golds")
         statuses: list[str | None] = [None] * len(responses)
+        reasons = [""] * len(responses)
         hard: list[int] = []
         hard_pairs: list[tuple[str, str]] = []
         for i, (response, gold) in enumerate(zip(responses, golds, strict=True)):
+            if self.limits and len(response) > self.limits.max_response_chars:
+                statuses[i], reasons[i] = "refused", f"response longer than {self.limits.max_response_chars} characters"
+                continue
             predicted = extract_boxed(response)
             gold = gold_answer(gold)
             if not gold:
@@ -117,12 +127,20 @@ class MathVerifier:
                 statuses[i] = "unparsable"
             else:
                 statuses[i] = quick_status(gold, predicted)
-                if statuses[i] is None:
+                reason = refusal(predicted, self.limits) if statuses[i] is None and self.limits else None
+                if reason:
+                    statuses[i], reasons[i] = "refused", reason
+                elif statuses[i] is None:
                     hard.append(i)
                     hard_pairs.append((gold, predicted))
         for i, (status, value) in zip(hard, self._pool.map(hard_pairs), strict=True):
             statuses[i] = value if status == "ok" else status
-        return [VerifyResult(1.0 if s == "correct" else 0.0, s) for s in statuses]
+        return [VerifyResult(1.0 if s == "correct" else 0.0, s, r) for s, r in zip(statuses, reasons)]
+
+    @property
+    def workers_started(self) -> int:
+        """Worker processes started so far (replacements included): 0 while every answer was decided here."""
+        return self._pool.started
 
     def close(self) -> None:
         """Stop the worker processes."""
