@@ -23,6 +23,7 @@ from selfdistill.data.files import FileSourceConfig
 from selfdistill.data.reasoning_gym import ReasoningGymConfig
 from selfdistill.data.templates import PromptTemplates
 from selfdistill.learner.objectives import ObjectiveConfig
+from selfdistill.models.lora import LoraConfig
 from selfdistill.models.warmstart import TinyModelConfig, WarmStartConfig
 from selfdistill.rewards import RewardConfig
 from selfdistill.rollout.base import EngineConfig, SamplingConfig
@@ -180,6 +181,9 @@ class LearnerConfig(Strict):
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training precision.")
     num_cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner rank.")
+    lora: LoraConfig | None = Field(
+        None, description="Train a LoRA adapter (PEFT) instead of every weight; None: full fine-tuning."
+    )
 
 
 class SyncConfig(Strict):

@@ -21,6 +21,7 @@ from selfdistill.learner.batching import MicroBatch, collate, micro_batch_plan
 from selfdistill.learner.objectives import build_objective
 from selfdistill.learner.objectives.base import ObjectiveInputs
 from selfdistill.learner.sync import build_transport
+from selfdistill.models import lora
 from selfdistill.records import TeacherScores, Trajectory
 
 DEEPSPEED_TAG = "state"
@@ -63,8 +64,9 @@ class LearnerActor:
             "bf16": {"enabled": lc.dtype == "bfloat16"},
             "steps_per_print": 1 << 30,
         }
-        model = self._load_model(model_path)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
+        model = self._load_model(resume_from if resume_from and lc.lora else model_path)
+        trainable = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapter only
+        optimizer = torch.optim.AdamW(trainable, lr=lc.lr, betas=lc.betas, weight_decay=lc.weight_decay)
         warmup = lc.warmup_steps
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
@@ -72,19 +74,24 @@ class LearnerActor:
         )
         self.step = 0
         if resume_from:
-            _, client = self.engine.load_checkpoint(str(Path(resume_from) / "deepspeed"), tag=DEEPSPEED_TAG)
+            _, client = self.engine.load_checkpoint(str(Path(resume_from) / "deepspeed"), tag=DEEPSPEED_TAG,
+                                                    load_module_strict=lc.lora is None)
             self.step = int(client["step"])
 
     def _load_model(self, path: str):
-        from transformers import AutoModelForCausalLM
-
+        """The policy at `path`; with `learner.lora`, base + adapter (the adapter folder at `path`, or a fresh one)."""
         dtype = torch.bfloat16 if self.cfg.learner.dtype == "bfloat16" else torch.float32
         if self.cfg.learner.zero_stage == 3:
             importlib.import_module("torch._dynamo")  # deepspeed.zero.Init fails unless it is imported first
             from transformers.integrations import HfDeepSpeedConfig
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive: partitions at load
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        lc = self.cfg.learner.lora
+        if lc is None or lora.is_adapter(path):
+            return lora.load_policy(path, dtype, trainable=True)
+        from peft import get_peft_model
+
+        return get_peft_model(lora.load_policy(path, dtype), lora.peft_config(lc, path))
 
     def ready(self) -> int:
         return os.getpid()
@@ -180,27 +187,32 @@ class LearnerActor:
 
     # ------------------------------------------------------------------ weights out
 
-    def _gathered_buckets(self, bucket_bytes: int) -> Iterator[dict[str, torch.Tensor]]:
-        """Full parameters in buckets; under ZeRO-3 every rank gathers one bucket at a time."""
+    def _sync_units(self, merged: bool | None = None) -> list[lora.SyncUnit]:
+        """What a sync or checkpoint carries: every weight, or with LoRA the adapter (or, `merged`, base + adapter)."""
+        model = self.engine.module
+        if self.cfg.learner.lora is None:
+            return [(n, [p], lambda p=p: p) for n, p in model.named_parameters()]
+        merged = self.cfg.learner.lora.sync == "merged" if merged is None else merged
+        return lora.merged_units(model) if merged else lora.adapter_units(model)
+
+    def _gathered_buckets(self, bucket_bytes: int, units: list[lora.SyncUnit]) -> Iterator[dict[str, torch.Tensor]]:
+        """The units' tensors in buckets; under ZeRO-3 every rank gathers one bucket at a time."""
         import deepspeed
 
-        named = list(self.engine.module.named_parameters())
         zero3 = self.cfg.learner.zero_stage == 3
         bucket, size = [], 0
-        for name, p in named + [(None, None)]:
-            numel = 0 if p is None else (p.ds_numel if zero3 else p.numel())
-            if bucket and (p is None or size + numel * 4 > bucket_bytes):
-                params = [q for _, q in bucket]
-                if zero3:
-                    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-                        yield {n: q.detach().float().clone() for n, q in bucket}
-                else:
-                    # clone: under ZeRO 0-2 parameters are views into one flat buffer, and pickling a
-                    # view (ray.put) would ship the whole buffer with every tensor.
-                    yield {n: q.detach().float().clone() for n, q in bucket}
+        for unit in units + [None]:
+            first = None if unit is None else unit[1][0]  # the published tensor has the first part's size
+            numel = 0 if first is None else (first.ds_numel if zero3 else first.numel())
+            if bucket and (unit is None or size + numel * 4 > bucket_bytes):
+                params = [p for _, parts, _ in bucket for p in parts]
+                # clone: under ZeRO 0-2 parameters are views into one flat buffer, and pickling a
+                # view (ray.put) would ship the whole buffer with every tensor.
+                with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
+                    yield {n: compute().detach().float().clone() for n, _, compute in bucket}
                 bucket, size = [], 0
-            if p is not None:
-                bucket.append((name, p))
+            if unit is not None:
+                bucket.append(unit)
                 size += numel * 4
 
     def publish(self, version: int):
@@ -213,7 +225,7 @@ class LearnerActor:
                 stats["sync/buckets"] += 1
                 yield bucket
 
-        buckets = counted(self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20)))
+        buckets = counted(self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20), self._sync_units()))
         if self.rank == 0:
             handle = self.transport.publish(buckets, version)
             return handle, stats
@@ -222,17 +234,24 @@ class LearnerActor:
         return None
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
-        """Hugging Face folder (safetensors + tokenizer) from rank 0, DeepSpeed state from every rank."""
+        """Rank 0 writes a Hugging Face folder (safetensors + tokenizer), or with LoRA a PEFT adapter folder;
+        every rank writes its DeepSpeed state (with LoRA: the adapter's only)."""
         state = {}
-        for bucket in self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20)):
+        for bucket in self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20), self._sync_units(merged=False)):
             if self.rank == 0:
                 state.update(bucket)
         if self.rank == 0:
             from transformers import AutoTokenizer
 
             Path(path).mkdir(parents=True, exist_ok=True)
-            self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            if self.cfg.learner.lora is None:
+                self.engine.module.save_pretrained(path, state_dict=state, safe_serialization=True)
+            else:
+                from safetensors.torch import save_file
+
+                save_file(state, str(Path(path) / lora.ADAPTER_WEIGHTS))
+                self.engine.module.peft_config[lora.ADAPTER].save_pretrained(path)
             AutoTokenizer.from_pretrained(self.model_path).save_pretrained(path)
         self.engine.save_checkpoint(str(Path(path) / "deepspeed"), tag=DEEPSPEED_TAG,
-                                    client_state={**client_state, "step": self.step})
-
+                                    client_state={**client_state, "step": self.step},
+                                    exclude_frozen_parameters=self.cfg.learner.lora is not None)

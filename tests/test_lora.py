@@ -1,0 +1,107 @@
+"""LoRA through PEFT: config errors, adapter folders, merging, and the DeepSpeed learner's adapter update."""
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from selfdistill.config import ConfigError, load_config
+from selfdistill.models import lora
+from selfdistill.models.tiny import build_tiny_model
+from selfdistill.records import Problem, Trajectory
+from tests.test_learner import _Reference
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    return str(build_tiny_model(tmp_path_factory.mktemp("m"), seed=0, hidden_size=32, num_layers=1, num_heads=2))
+
+
+def _adapter(base, tmp_path, **fields):
+    cfg = lora.LoraConfig(rank=4, alpha=8, **fields)
+    return str(lora.write_initial_adapter(cfg, base, tmp_path / "adapter", seed=0)), cfg
+
+
+def test_rank_zero_is_a_config_error_naming_the_field():
+    with pytest.raises(ConfigError, match=r"learner\.lora\.rank: Input should be greater than or equal to 1 \(got 0\)"):
+        load_config(None, ["learner.lora={rank: 0}"])
+
+
+def test_missing_target_module_is_a_config_error_naming_the_field(base):
+    cfg = lora.LoraConfig(target_modules=["q_proj", "qkv_proj"])
+    with pytest.raises(ConfigError, match=r"learner\.lora\.target_modules: .* no linear module named \['qkv_proj'\]"):
+        lora.check_targets(cfg, base)
+    lora.check_targets(lora.LoraConfig(target_modules=["q_proj", "down_proj"]), base)  # both exist
+
+
+def test_initial_adapter_is_peft_format_and_equals_the_base(base, tmp_path):
+    path, _ = _adapter(base, tmp_path)
+    tensors = load_file(f"{path}/{lora.ADAPTER_WEIGHTS}")
+    assert tensors and all(".lora_A.weight" in n or ".lora_B.weight" in n for n in tensors)
+    assert all(t.abs().sum() > 0 for n, t in tensors.items() if "lora_A" in n)
+    assert all(torch.all(t == 0) for n, t in tensors.items() if "lora_B" in n)
+    # 7 linear layers per block (q, k, v, o, gate, up, down), one block: lm_head is tied and left alone
+    assert len(tensors) == 2 * 7
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), path)
+    ids = torch.tensor([[3, 4, 5, 6]])
+    torch.testing.assert_close(model(input_ids=ids).logits, AutoModelForCausalLM.from_pretrained(base)(input_ids=ids).logits)
+
+
+def test_merged_units_equal_peft_merge_and_unload(base, tmp_path):
+    path, _ = _adapter(base, tmp_path)
+    model = lora.load_policy(path, torch.float32)
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.5)
+    ours = {name: compute().detach().clone() for name, _, compute in lora.merged_units(model)}
+    want = model.merge_and_unload().state_dict()
+    assert set(ours) == {n for n in want if n != "lm_head.weight"}  # tied head: the embedding stands for it
+    for name, tensor in ours.items():
+        torch.testing.assert_close(tensor, want[name])
+    assert not torch.equal(ours["model.layers.0.self_attn.q_proj.weight"],
+                           AutoModelForCausalLM.from_pretrained(base).state_dict()["model.layers.0.self_attn.q_proj.weight"])
+
+
+@pytest.mark.e2e
+@pytest.mark.parametrize("zero_stage", [2, 3])
+def test_lora_two_ranks_equal_plain_peft_adamw(base, tmp_path, monkeypatch, zero_stage):
+    """Two ranks train only the adapter; after each step it equals a plain PyTorch + PEFT AdamW step."""
+    import ray
+
+    from selfdistill.learner.group import LearnerGroup
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    path, _ = _adapter(base, tmp_path)
+    cfg = load_config(None, [f"model={{kind: pretrained, path: {base}}}", "objective.name=grpo", "learner.lr=1e-2",
+                             "learner.grad_clip=0", f"learner.zero_stage={zero_stage}", "learner.num_ranks=2",
+                             "learner.micro_batch_groups=1", "learner.lora={rank: 4, alpha: 8}"])
+    problem = Problem("p", "q", "r", "1")
+    trajs = [Trajectory(problem, g, [5, 6, 7], [8 + g, 9, 10 + i][: 2 + i], [-1.0] * 3, "stop", 0, reward=float(i))
+             for g in range(2) for i in range(2)]
+    reference = _Reference(base, cfg)
+    reference.model = lora.load_policy(path, torch.float32, trainable=True)
+    reference.optimizer = torch.optim.AdamW([p for p in reference.model.parameters() if p.requires_grad], lr=1e-2)
+    want_names = set(load_file(f"{path}/{lora.ADAPTER_WEIGHTS}"))
+
+    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        learner = LearnerGroup(cfg, path)
+        for version in range(3):
+            learner.train_step(trajs, None)
+            # one group per rank, ZeRO averages the ranks' gradients
+            reference.step([(0.5, [t for t in trajs if t.group == g]) for g in range(2)])
+            handle, stats = learner.publish(version)
+            ours = {name: t for ref in handle for name, t in ray.get(ref).items()}
+            assert set(ours) == want_names  # only the adapter travels
+            assert stats["sync/bytes"] == sum(t.numel() * 4 for t in ours.values())
+            want = lora.published_parameters(reference.model)
+            # Adam's m / sqrt(v) magnifies rounding in near-zero gradients (gloo averaging) to ~1e-5 = lr / 1000;
+            # a wrong gradient weight or a base weight in the optimizer would be off by about lr.
+            for name, tensor in ours.items():
+                torch.testing.assert_close(tensor, want[name].detach(), atol=1e-4, rtol=1e-4,
+                                           msg=lambda m, name=name: f"step {version}, {name}: {m}")
+        assert any(not torch.all(t == 0) for n, t in ours.items() if "lora_B" in n)
+    finally:
+        ray.shutdown()
