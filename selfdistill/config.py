@@ -95,6 +95,12 @@ class RunConfig(Strict):
     eval_k: int = Field(1, ge=1, description="Samples per held-out problem (Avg@k, pass@k, maj@k).")
     eval_temperature: float = Field(0.0, ge=0.0, description="Sampling temperature of held-out evaluation (0: greedy).")
     progress: bool = Field(True, description="Live progress bar and summary table on the console.")
+    resume: str | None = Field(
+        None,
+        description="Continue from a checkpoint: `auto` takes the last complete checkpoint of this run's folder if "
+        "there is one (else starts fresh), so a job restarted by a scheduler continues by itself; a path takes that "
+        "checkpoint folder; unset starts fresh.",
+    )
 
 
 class RolloutConfig(Strict):

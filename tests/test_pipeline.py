@@ -9,7 +9,7 @@ from selfdistill.launch.pipeline import RolloutPipeline
 from selfdistill.launch.roles import chunk_bounds
 
 
-def _run(max_staleness: int, steps: int = 5, train_seconds: float = 0.02):
+def _run(max_staleness: int, steps: int = 5, train_seconds: float = 0.02, barriers=()):
     """Drive a pipeline like the training loop; returns, per step, the published version its batch saw."""
     state = {"version": 0}
     seen = {}
@@ -19,7 +19,7 @@ def _run(max_staleness: int, steps: int = 5, train_seconds: float = 0.02):
         time.sleep(0.005)
         return f"batch-{step}"
 
-    with RolloutPipeline(produce, 1, steps, max_staleness) as pipeline:
+    with RolloutPipeline(produce, 1, steps, max_staleness, barriers) as pipeline:
         for step in range(1, steps + 1):
             assert pipeline.get(step) == f"batch-{step}"
             time.sleep(train_seconds)  # train
@@ -40,6 +40,12 @@ def test_batches_run_ahead_by_at_most_k_versions(k):
         assert step - 1 - k <= version <= step - 1
     # training is slower than producing, so the producer really runs ahead
     assert any(version < step - 1 for step, version in seen.items())
+
+
+def test_the_batch_after_a_checkpoint_step_waits_for_its_weights():
+    seen = _run(max_staleness=2, steps=6, train_seconds=0.05, barriers={3})
+    assert seen[4] == 3  # as a run resumed from checkpoint 3 would make it
+    assert all(step - 3 <= version <= step - 1 for step, version in seen.items())
 
 
 def test_resumed_pipeline_starts_from_the_checkpoint_version():

@@ -1,4 +1,4 @@
-"""`selfdistill train [CONFIG] [section.field=value ...] [--resume runs/NAME]`,
+"""`selfdistill train [CONFIG] [section.field=value ...] [--resume runs/NAME | --resume auto]`,
 `selfdistill eval CHECKPOINT_OR_CONFIG [field=value ...] [--k K] [--out DIR]`,
 `selfdistill plot RUN_DIR_OR_EVAL [...] [--out FILE]`."""
 
@@ -15,7 +15,9 @@ def main(argv: list[str] | None = None) -> int:
     tr = sub.add_parser("train", help="train a policy (no CONFIG: the embedded CPU default job)")
     tr.add_argument("config", nargs="?", help="YAML config file; omitted: the embedded CPU default")
     tr.add_argument("overrides", nargs="*", help="dotted overrides, e.g. learner.lr=1e-5")
-    tr.add_argument("--resume", metavar="RUN_DIR", help="continue runs/NAME from its last checkpoint")
+    tr.add_argument("--resume", metavar="RUN_DIR|auto",
+                    help="continue runs/NAME from its last checkpoint; `auto`: the config's own run folder, "
+                    "if it has a complete checkpoint (else start fresh)")
     ev = sub.add_parser("eval", help="Avg@k, pass@k, maj@k and reasoning health of a checkpoint (see eval/run.py)")
     ev.add_argument("target", help="Hugging Face model folder (e.g. runs/NAME/checkpoints/step-N) or EvalConfig YAML")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.temperature=0.6 engine.name=hf")
@@ -42,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
             from selfdistill.launch.run_dir import latest_checkpoint
 
             resume_from = None
-            if args.resume:
+            if args.resume == "auto":
+                overrides.append("run.resume=auto")
+            elif args.resume:
                 run_dir = Path(args.resume)
                 if not (run_dir / "config.yaml").is_file():
                     raise ConfigError(f"--resume: {run_dir} holds no config.yaml (not a run folder)")

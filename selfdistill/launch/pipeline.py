@@ -5,21 +5,28 @@ The batch for step n needs weights of version >= n - 1 - max_staleness (version 
 learner after v steps). With max_staleness 0 the thread waits for step n-1's weights before
 it starts step n: strictly on-policy, one stage after another. With k > 0, generation,
 verification and teacher scoring for step n+k run while the learner trains step n.
+
+Checkpoint steps are barriers: the batch after a checkpoint step c waits for version c, in
+the run that wrote checkpoint c and in a run resumed from it alike, so resuming continues
+exactly as the uninterrupted run would have (a batch made from pre-checkpoint weights could
+not be remade after a restart).
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 
 class RolloutPipeline:
     """Calls `produce(step)` for steps first..last in order, in a thread; `get(step)` returns its result."""
 
-    def __init__(self, produce: Callable[[int], Any], first: int, last: int, max_staleness: int):
+    def __init__(self, produce: Callable[[int], Any], first: int, last: int, max_staleness: int,
+                 barriers: Collection[int] = ()):
         self.produce, self.first, self.last, self.max_staleness = produce, first, last, max_staleness
+        self.barriers = set(barriers)  # steps whose successor waits for their weights (checkpoints)
         self.version = first - 1  # weights the engines hold when the pipeline starts
         self.ready: queue.Queue = queue.Queue()
         self.changed = threading.Condition()
@@ -53,8 +60,9 @@ class RolloutPipeline:
 
     def _run(self) -> None:
         for step in range(self.first, self.last + 1):
+            needed = max(step - 1 - self.max_staleness, *(b for b in self.barriers if b < step), self.first - 1)
             with self.changed:
-                self.changed.wait_for(lambda: self.stopping or self.version >= step - 1 - self.max_staleness)
+                self.changed.wait_for(lambda: self.stopping or self.version >= needed)
                 if self.stopping:
                     return
             try:

@@ -4,19 +4,28 @@ A checkpoint folder is a Hugging Face model (safetensors + tokenizer, loadable b
 transformers and vLLM) plus `deepspeed/` (optimizer and scheduler state of every rank)
 and `trainer_state.json` (step, weight version, data position, random state, the initial
 model path, and the before-training evaluation).
+
+Checkpoints are atomic: one is written into `checkpoints/.step-N.partial/`, every file and
+folder is fsynced, and only then is it renamed to `step-N/`. A run killed mid-write leaves a
+`.partial` folder that is never taken for a checkpoint (and is removed by the next save).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
 TRAINER_STATE = "trainer_state.json"
+_CHECKPOINT_NAME = re.compile(r"step-\d{6,}")
+_CHECKPOINT_FILES = (TRAINER_STATE, "deepspeed")  # what every checkpoint of ours holds (and *.safetensors)
 
 
 class MetricsLog:
@@ -47,21 +56,78 @@ def checkpoint_dir(run_dir: Path, step: int) -> Path:
     return run_dir / "checkpoints" / f"step-{step:06d}"
 
 
+def complete_checkpoints(run_dir: Path) -> list[Path]:
+    """The run's complete checkpoints, oldest first (partial writes are never among them)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _CHECKPOINT_NAME.fullmatch(p.name) and (p / TRAINER_STATE).is_file())
+
+
 def latest_checkpoint(run_dir: Path) -> Path | None:
-    done = sorted(p.parent for p in (run_dir / "checkpoints").glob(f"step-*/{TRAINER_STATE}"))
+    done = complete_checkpoints(run_dir)
     return done[-1] if done else None
+
+
+def resume_checkpoint(run_dir: Path, resume: str | None) -> Path | None:
+    """The checkpoint `run.resume` names: "auto" -> the run folder's last complete one (None if it has none),
+    a path -> that checkpoint (checked), None -> None (a fresh run)."""
+    if resume is None:
+        return None
+    if resume == "auto":
+        return latest_checkpoint(run_dir)
+    return check_checkpoint(Path(resume))
+
+
+def save_checkpoint(run_dir: Path, step: int, keep: int, write_model: Callable[[Path], None], state: dict) -> Path:
+    """Write checkpoint `step` atomically (see module docstring) and keep only the last `keep`.
+
+    `write_model(folder)` writes the model and optimizer state into the temporary folder;
+    `state` becomes its trainer_state.json, written last.
+    """
+    final = checkpoint_dir(run_dir, step)
+    partial = final.with_name(f".{final.name}.partial")
+    for stale in final.parent.glob(".step-*.partial"):  # left by a run killed mid-write
+        shutil.rmtree(stale, ignore_errors=True)
+    partial.mkdir(parents=True)
+    write_model(partial)
+    write_trainer_state(partial, state)
+    _fsync_tree(partial)
+    if final.exists():  # a rerun of a step after resuming from an earlier checkpoint
+        shutil.rmtree(final)
+    partial.rename(final)
+    _fsync(final.parent)
+    prune_checkpoints(run_dir, keep)
+    return final
+
+
+def check_checkpoint(path: Path) -> Path:
+    """`path` if it is a complete checkpoint of ours; else ValueError naming the folder and what is missing."""
+    if not path.is_dir():
+        raise ValueError(f"checkpoint {path}: not a folder")
+    missing = [name for name in _CHECKPOINT_FILES if not (path / name).exists()]
+    if not list(path.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise ValueError(f"checkpoint {path}: not a selfdistill checkpoint (missing {', '.join(missing)})")
+    try:
+        state = json.loads((path / TRAINER_STATE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"checkpoint {path / TRAINER_STATE}: unreadable ({e})") from None
+    missing = [key for key in ("step", "data", "random") if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint {path / TRAINER_STATE}: not a selfdistill trainer state (no {', '.join(missing)})")
+    return path
 
 
 def write_trainer_state(path: Path, state: dict) -> None:
     """Written last, so a checkpoint folder without it is incomplete and ignored on resume."""
     state = {**state, "random": {"python": random.getstate(), "numpy": _np_state(), "torch": torch.get_rng_state().tolist()}}
-    tmp = path / (TRAINER_STATE + ".tmp")
-    tmp.write_text(json.dumps(state))
-    tmp.rename(path / TRAINER_STATE)
+    (path / TRAINER_STATE).write_text(json.dumps(state))
 
 
 def read_trainer_state(path: Path) -> dict:
-    state = json.loads((path / TRAINER_STATE).read_text())
+    state = json.loads(check_checkpoint(path).joinpath(TRAINER_STATE).read_text())
     rs = state["random"]
     random.setstate((rs["python"][0], tuple(rs["python"][1]), rs["python"][2]))
     np.random.set_state((rs["numpy"][0], np.array(rs["numpy"][1], dtype=np.uint32), *rs["numpy"][2:]))
@@ -70,9 +136,23 @@ def read_trainer_state(path: Path) -> dict:
 
 
 def prune_checkpoints(run_dir: Path, keep: int) -> None:
-    done = sorted(p.parent for p in (run_dir / "checkpoints").glob(f"step-*/{TRAINER_STATE}"))
-    for old in done[:-keep]:
+    for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _fsync_tree(root: Path) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(Path(folder) / name)
+        _fsync(Path(folder))
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _np_state():

@@ -20,8 +20,8 @@ from selfdistill.launch.console import Console
 from selfdistill.launch.evaluate import held_out_eval
 from selfdistill.launch.model import prepare_model
 from selfdistill.launch.pipeline import RolloutPipeline
-from selfdistill.launch.run_dir import (MetricsLog, checkpoint_dir, prune_checkpoints, read_trainer_state,
-                                        write_trainer_state)
+from selfdistill.launch.run_dir import (MetricsLog, checkpoint_dir, read_trainer_state, resume_checkpoint,
+                                        save_checkpoint)
 from selfdistill.launch.step_metrics import step_metrics
 from selfdistill.eval.plots import plot_run
 from selfdistill.learner.objectives import build_objective
@@ -31,6 +31,9 @@ from selfdistill.teacher.exposure import ExposureController
 def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     """Run `cfg` (or continue it from checkpoint `resume_from`); returns the final summary."""
     console = Console(cfg.run.progress)
+    resume_from = resume_from or resume_checkpoint(cfg.run_dir, cfg.run.resume)
+    if resume_from:
+        console.note(f"resuming from {resume_from}")
     state = read_trainer_state(resume_from) if resume_from else {}
     train_problems = load_split(cfg.data, "train", cfg.run.eval_size)
     eval_problems = load_split(cfg.data, "eval", cfg.run.eval_size)
@@ -73,7 +76,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                     alpha = exposure.alpha(step) if "partial" in contexts else None
                 return collect_batch(roles, sampler, cfg, sampling, alpha)
 
-            pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness)
+            saves = [s for s in range(start + 1, cfg.run.steps + 1) if _saves_at(cfg, s)]
+            pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness, saves)
             with console.progress(cfg.run.steps, start) as bar, pipeline:
                 for step in range(start + 1, cfg.run.steps + 1):
                     t = {}
@@ -83,27 +87,26 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                         train_metrics = roles.train(batch.trajs, batch.scores)
                     with _timed(t, "sync"):
                         sync_info = roles.publish(version=step)
-                    pipeline.published(step)
                     t["step"] = t["idle"] + t["train"] + t["sync"]
                     metrics = {**step_metrics(batch.trajs, train_metrics, {**batch.seconds, **t}, step), **batch.info,
                                **sync_info}
                     if "partial" in contexts:
                         with exposure_lock:
                             metrics.update(exposure.observe(step, metrics))
+                    pipeline.published(step)  # after observe: the next alpha always sees this step
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0:
                         metrics.update(held_out_eval(roles, eval_problems, cfg))
                     if cfg.sync.check_every and step % cfg.sync.check_every == 0:
                         metrics["sync/max_logprob_gap"] = roles.sync_gap(probe)
                     log.write(step, metrics)
                     bar.advance(step, metrics)
-                    if step == cfg.run.steps or (cfg.run.save_every and step % cfg.run.save_every == 0):
-                        path = checkpoint_dir(run_dir, step)
-                        roles.save_checkpoint(path, {"data": batch.data_state})
+                    if _saves_at(cfg, step):
                         with exposure_lock:
                             exposure_state = exposure.state_dict()
-                        write_trainer_state(path, {"step": step, "data": batch.data_state, "initial_model": initial_model,
-                                                   "eval_before": before, "exposure": exposure_state})
-                        prune_checkpoints(run_dir, cfg.run.keep_checkpoints)
+                        save_checkpoint(run_dir, step, cfg.run.keep_checkpoints,
+                                        lambda path: roles.save_checkpoint(path, {"data": batch.data_state}),
+                                        {"step": step, "data": batch.data_state, "initial_model": initial_model,
+                                         "eval_before": before, "exposure": exposure_state})
             after = held_out_eval(roles, eval_problems, cfg)
             pids = roles.pids
     log.close()
@@ -116,6 +119,10 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.summary(summary, log.path)
     return summary
+
+
+def _saves_at(cfg: TrainConfig, step: int) -> bool:
+    return step == cfg.run.steps or bool(cfg.run.save_every and step % cfg.run.save_every == 0)
 
 
 class _timed:

@@ -1,0 +1,101 @@
+"""Resume on the real stack: a run killed by SIGKILL while it writes a checkpoint continues with
+`--resume auto` from the previous complete checkpoint, and ends with the same weights as a run
+that was never interrupted (on-policy and max_staleness 1)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from selfdistill.config import load_config
+from selfdistill.launch.cli import main as cli_main
+from selfdistill.launch.run_dir import checkpoint_dir, latest_checkpoint
+from selfdistill.launch.train import train
+from selfdistill.models.tiny import build_tiny_model
+
+pytestmark = pytest.mark.e2e
+WEIGHT_TOLERANCE = 1e-5  # float32 reductions may be ordered differently across processes
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0, hidden_size=64, num_layers=2,
+                            num_heads=2)
+
+
+def _overrides(model: Path, output_dir: Path, *extra: str) -> list[str]:
+    return [f"model={{kind: pretrained, path: {model}}}", f"run.output_dir={output_dir}", "run.name=resume",
+            "run.steps=4", "run.save_every=2", "run.keep_checkpoints=3", "run.eval_size=2", "run.progress=false",
+            "rollout.prompts_per_step=2", "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=12",
+            "learner.micro_batch_groups=1", "learner.lr=1e-3", "sync.check_every=0", *extra]
+
+
+def _assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert wa.keys() == wb.keys()
+    gaps = {k: float((wa[k] - wb[k]).abs().max()) for k in wa}
+    assert max(gaps.values()) <= WEIGHT_TOLERANCE, sorted(gaps.items(), key=lambda kv: -kv[1])[:3]
+
+
+def _losses(run_dir: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["train/loss"] for r in rows}
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants (the driver, its Ray cluster and actors), by pid."""
+    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    for proc in procs:
+        try:
+            proc.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass
+    psutil.wait_procs(procs, timeout=30)
+
+
+def test_sigkill_during_a_checkpoint_write_then_resume_auto_is_exact(tmp_path, tiny_model):
+    reference = load_config(None, _overrides(tiny_model, tmp_path / "reference"))
+    train(reference)
+
+    overrides = _overrides(tiny_model, tmp_path / "killed")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "selfdistill.launch.cli", "train", *overrides], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    run_dir = tmp_path / "killed" / "resume"
+    partial = run_dir / "checkpoints" / ".step-000004.partial"
+    try:
+        while not partial.exists():  # the step-4 checkpoint is being written
+            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
+            time.sleep(0.001)
+        _kill_tree(proc.pid)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+    assert partial.is_dir() and not checkpoint_dir(run_dir, 4).exists()
+    assert latest_checkpoint(run_dir).name == "step-000002"
+
+    assert cli_main(["train", *overrides, "--resume", "auto"]) == 0
+    assert latest_checkpoint(run_dir).name == "step-000004" and not partial.exists()
+    _assert_same_weights(checkpoint_dir(reference.run_dir, 4), checkpoint_dir(run_dir, 4))
+    reference_losses, resumed_losses = _losses(reference.run_dir), _losses(run_dir)
+    assert resumed_losses.keys() == {1, 2, 3, 4}
+    assert resumed_losses == pytest.approx(reference_losses, abs=1e-5)
+
+
+def test_resume_with_max_staleness_one_is_exact(tmp_path, tiny_model):
+    reference = load_config(None, _overrides(tiny_model, tmp_path / "reference", "rollout.max_staleness=1"))
+    train(reference)
+    resumed = load_config(None, _overrides(tiny_model, tmp_path / "resumed", "rollout.max_staleness=1",
+                                           f"run.resume={checkpoint_dir(reference.run_dir, 2)}"))
+    train(resumed)
+    _assert_same_weights(checkpoint_dir(reference.run_dir, 4), checkpoint_dir(resumed.run_dir, 4))
