@@ -268,6 +268,13 @@ def _with_budget(objective: Any, budget: Any) -> Any:
         objective = {**objective, "max_response_len": budget}
     if objective.get("name") == "mix" and isinstance(objective.get("components"), list):
         objective = {**objective, "components": [
+        components = getattr(self.objective, "components", None)
+        for objective in [c.objective for c in components] if components else [self.objective]:
+            if getattr(objective, "needs_frozen_teacher", False) and self.teacher.weights != "frozen":
+                raise ValueError(
+                    f"objective {objective.name!r} anchors its target on the initial model (a 'none'-context pass of "
+                    f"the teacher), so it needs teacher.weights: frozen, got {self.teacher.weights!r}"
+                )
             {**c, "objective": _with_budget(c.get("objective"), budget)} if isinstance(c, dict) else c
             for c in objective["components"]
         ]}

@@ -41,6 +41,21 @@ def test_masked_mean_over_all_and_per_row():
     assert masked_mean(values, torch.zeros_like(mask)).item() == 0.0
 
 
+def test_nan_and_inf_in_padded_slots_do_not_spread():
+    values = torch.tensor([[1.0, math.nan], [math.inf, 3.0]], requires_grad=True)
+    mask = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # (1 + 3) / 2; per row 1 and 3
+    assert masked_mean(values, mask).item() == pytest.approx(2.0)
+    assert masked_mean(values, mask, dim=-1).tolist() == pytest.approx([1.0, 3.0])
+    for mode in ("token_mean", "seq_mean_token_mean", "seq_mean_token_sum"):
+        loss = aggregate_loss(values, mask, mode, max_response_len=2)
+        loss.backward()
+        assert math.isfinite(loss.item()), mode
+        # gradient 0 on padding, finite on real tokens
+        assert torch.isfinite(values.grad).all() and values.grad[0, 1] == 0 and values.grad[1, 0] == 0, mode
+        values.grad = None
+
+
 # per-token losses [[1, 2, 3], [4, -, -], [100 (masked), -, -]]
 PER_TOKEN = torch.tensor([[1.0, 2.0, 3.0], [4.0, 9.0, 9.0], [100.0, 100.0, 100.0]])
 MASK = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0], [0.0, 0.0, 0.0]])

@@ -54,7 +54,7 @@ def test_weighted_sum_by_hand():
 
 def test_contexts_are_the_union_in_order():
     mix = _mix((1.0, OpsdConfig(support="teacher_topk")), (1.0, PmiConfig(support="teacher_topk")), (1.0, GrpoConfig()))
-    assert mix.contexts == ("full", "reference_only")
+    assert mix.contexts == ("full", "reference_only", "none")
     assert not mix.needs_full_vocab
     assert _mix((1.0, GrpoConfig()), (1.0, OpsdConfig())).needs_full_vocab
 

@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from selfdistill.config import ConfigError, load_config
 from selfdistill.learner.objectives import (
     ObjectiveInputs,
     OpdSampledConfig,
@@ -92,6 +93,30 @@ def test_clipped_term_passes_no_gradient():
 def test_generalized_jsd_rejects_beta_outside_unit_interval():
     with pytest.raises(ValueError, match="beta must be in"):
         generalized_jsd(TEACHER, STUDENT, 1.5)
+
+
+@pytest.mark.parametrize("beta", [1e-6, 0.005, 0.995, 1 - 1e-6])
+def test_beta_near_an_end_is_refused_naming_the_field(beta):
+    # beta 1e-6 would give about 1e-6 * KL (0.000) where beta 0 gives the full KL (0.144): a jump
+    with pytest.raises(ValueError, match="within 0.01 of an end"):
+        generalized_jsd(TEACHER, STUDENT, beta)
+    with pytest.raises(ConfigError, match=r"objective\.beta.*within 0.01 of an end"):
+        load_config(None, [f"objective.beta={beta}"])
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.01, 0.99, 1.0])
+def test_beta_at_the_ends_or_inside_the_margin_is_accepted(beta):
+    assert load_config(None, [f"objective.beta={beta}"]).objective.beta == beta
+    assert math.isfinite(generalized_jsd(TEACHER, STUDENT, beta).item())
+
+
+def test_minus_inf_teacher_entries_give_finite_jsd_and_gradients():
+    teacher = torch.tensor([0.0, -math.inf])
+    for beta in (0.0, 0.5, 1.0):
+        student = STUDENT.clone().requires_grad_()
+        value = generalized_jsd(teacher, student, beta)
+        value.backward()
+        assert math.isfinite(value.item()) and torch.isfinite(student.grad).all(), beta
 
 
 # V = 4, one token: teacher [0.4, 0.3, 0.2, 0.1], student [0.1, 0.2, 0.3, 0.4]

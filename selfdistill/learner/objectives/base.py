@@ -167,9 +167,17 @@ TeacherContext = Annotated[
 ]
 
 
+def masked(values: Tensor, mask: Tensor) -> Tensor:
+    """`values * mask` where the mask is non-zero and exactly 0 elsewhere: NaN or inf in padded
+    slots cannot spread (0 * NaN is NaN), and no gradient flows to them."""
+    return torch.where(mask != 0, values, torch.zeros_like(values)) * mask
+
+
 def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
-    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`); 0 where mask is empty."""
-    total = (values * mask).sum() if dim is None else (values * mask).sum(dim)
+    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`); 0 where mask is empty.
+
+    Whatever sits outside the mask (NaN and inf included) does not reach the result."""
+    total = masked(values, mask).sum() if dim is None else masked(values, mask).sum(dim)
     count = mask.sum() if dim is None else mask.sum(dim)
     return total / torch.where(count > 0, count, torch.ones_like(count))
 
@@ -185,7 +193,7 @@ def aggregate_loss(per_token: Tensor, mask: Tensor, mode: LossAgg, max_response_
     if mode == "token_mean":
         return masked_mean(per_token, mask)
     lengths = mask.sum(-1)
-    sums = (per_token * mask).sum(-1)
+    sums = masked(per_token, mask).sum(-1)
     if mode == "seq_mean_token_mean":
         per_response = sums / lengths.clamp_min(1.0)
     elif mode == "seq_mean_token_sum":

@@ -18,8 +18,13 @@ beta * KL(teacher || M) + (1 - beta) * KL(student || M) with M = beta * teacher 
 clip kappa = 0.05 on every vocabulary term (the first version used beta = 0.5, no clip);
 the clip bounds the contribution of any one vocabulary entry, so style tokens such as
 "wait" (6-15x the KL of math tokens) cannot dominate. As in the OPSD reference code the
-cap is applied to each signed term before the vocabulary sum, so a clipped per-token
-value can fall below zero; terms at the cap pass no gradient.
+cap is applied to each signed term before the vocabulary sum and from above only (terms
+p_v log(p_v / q_v) are negative where the student gives more mass than the teacher), so a
+clipped per-token value can fall below zero; terms at the cap pass no gradient. The clipped
+loss is then no divergence: it is bounded below by -H(teacher) but its minimum is not at
+student = teacher (lowering the unclipped negative terms pays while capped ones cost nothing).
+Near its ends JSD_beta vanishes (about beta * KL) while beta = 0 and 1 are the full KLs, so
+configs refuse beta in (0, 0.01) and (0.99, 1).
 
 `opd_sampled` is the sampled-token form (on-policy distillation): only the sampled token
 is scored, A_t = sg(log p_T(y_t) - log p_S(y_t)) is an advantage (optionally added to a
@@ -33,7 +38,7 @@ import math
 from typing import Annotated, Literal
 
 import torch
-from pydantic import Field
+from pydantic import AfterValidator, Field
 from torch import Tensor
 
 from selfdistill.learner.objectives.base import (
@@ -61,6 +66,30 @@ TAIL_FLOOR = 1e-12
 # Slack when checking that given support ids are the student's top-k (ties, learner/engine rounding).
 TOPK_MATCH_ATOL = 1e-4
 
+# JSD_beta tends to 0 like beta * KL(teacher || student) as beta -> 0 (and like (1 - beta) * KL(student ||
+# teacher) as beta -> 1), while beta = 0 and 1 are the full KLs: values this close to an end are refused.
+BETA_END_MARGIN = 0.01
+
+
+def check_jsd_beta(beta: float) -> float:
+    """`beta` itself if it lies in {0, 1} or [BETA_END_MARGIN, 1 - BETA_END_MARGIN], else ValueError."""
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    if 0.0 < beta < BETA_END_MARGIN or 1.0 - BETA_END_MARGIN < beta < 1.0:
+        raise ValueError(
+            f"beta={beta} is within {BETA_END_MARGIN} of an end of [0, 1]: there JSD_beta shrinks toward 0 (about "
+            f"beta * KL), while beta=0 / beta=1 are the full forward / reverse KL; use 0 or 1 exactly, or a value "
+            f"in [{BETA_END_MARGIN}, {1 - BETA_END_MARGIN}]")
+    return beta
+
+
+JsdBeta = Annotated[
+    float,
+    AfterValidator(check_jsd_beta),
+    Field(description="JSD interpolation: 0 forward KL(teacher||student), 1 reverse KL(student||teacher), between: "
+          "the generalised JSD; (0, 0.01) and (0.99, 1) are refused (the divergence vanishes there)."),
+]
+
 SupportField = Annotated[
     Support,
     Field(
@@ -84,9 +113,7 @@ PointwiseClip = Annotated[
 
 class OpsdConfig(ObjectiveConfigBase):
     name: Literal["opsd"] = "opsd"
-    beta: float = Field(
-        0.0, ge=0.0, le=1.0, description="JSD interpolation: 0 forward KL(teacher||student), 1 reverse KL."
-    )
+    beta: JsdBeta = 0.0
     support: SupportField = "full"
     top_k: TopK = 20
     clip: PointwiseClip = None
@@ -117,8 +144,7 @@ def generalized_jsd(
     beta * KL(teacher || M) + (1 - beta) * KL(student || M), M = beta * teacher + (1 - beta) * student.
     With `clip`, each vocabulary term is capped at `clip` before the sum.
     """
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0, 1], got {beta}")
+    check_jsd_beta(beta)
     if beta == 0.0:
         terms = kl_terms(teacher_logprobs, student_logprobs)
     elif beta == 1.0:
