@@ -68,6 +68,70 @@ def test_alpha_held_for_exactly_hold_steps():
     assert learned == [False, False, True] * 10  # one update at the end of each window
 
 
+@pytest.mark.parametrize("staleness", [1, 2, 5])
+def test_alpha_may_run_ahead_of_observe_as_the_async_pipeline_calls_it(staleness):
+    """max_staleness k: alpha(n + k + 1) is asked before observe(n), across many hold windows."""
+    hold, steps = 3, 30
+    c = controller(hold_steps=hold, gamma=0.5)
+    alphas = {step: c.alpha(step) for step in range(1, staleness + 2)}
+    rewards = []
+    for step in range(1, steps + 1):
+        out = c.observe(step, {"train/loss": 100.0 - step})
+        assert out["exposure/alpha"] == alphas[step]
+        if "exposure/reward" in out:
+            rewards.append((step, out["exposure/reward"]))
+        if step + staleness + 1 <= steps:
+            alphas[step + staleness + 1] = c.alpha(step + staleness + 1)
+        assert c.alpha(step) == alphas[step]  # asking again for an observed step changes nothing
+    windows = [[alphas[s] for s in range(w, w + hold)] for w in range(1, steps + 1, hold)]
+    assert all(len(set(w)) == 1 for w in windows) and len({w[0] for w in windows}) == len(windows)
+    # one update at the end of every window, and each window's reward is its own losses': 1 + 0.5 * 1
+    assert rewards == [(end, pytest.approx(1.5)) for end in range(hold, steps + 1, hold)]
+    assert len(c._decisions) <= staleness // hold + 2  # finished decisions are let go
+
+
+def test_controller_in_the_rollout_pipeline_with_max_staleness_one():
+    """The call order of launch/train.py: alpha() in the pipeline's thread, observe() then published() in the
+    training thread, with the real RolloutPipeline (no Ray), past several hold windows."""
+    import threading
+
+    from selfdistill.launch.pipeline import RolloutPipeline
+
+    c, lock, steps = controller(hold_steps=2), threading.Lock(), 12
+
+    def make_batch(step):
+        with lock:
+            return c.alpha(step)
+
+    learned, seen = [], {}
+    with RolloutPipeline(make_batch, 1, steps, max_staleness=1) as pipeline:
+        for step in range(1, steps + 1):
+            seen[step] = pipeline.get(step)
+            with lock:
+                out = c.observe(step, {"train/loss": 1.0 / step})
+            pipeline.published(step)
+            assert out["exposure/alpha"] == seen[step]
+            learned.append("exposure/reward" in out)
+    assert learned == [False, True] * (steps // 2)
+    assert all(seen[s] == seen[s + 1] for s in range(1, steps, 2))
+
+
+def test_state_dict_with_decisions_ahead_of_observations_resumes_exactly():
+    def run(c, steps, staleness=1):
+        out = []
+        for step in steps:
+            c.alpha(step + staleness)
+            out.append(c.observe(step, {"train/loss": 1.0 / step})["exposure/alpha"])
+        return out
+
+    c = controller(total_steps=100, hold_steps=3)
+    c.alpha(1)
+    run(c, range(1, 9))  # alpha(9) was asked, step 9 (a new window 7..9 ends there) not yet observed
+    resumed = controller(total_steps=100, hold_steps=3)
+    resumed.load_state_dict(json.loads(json.dumps(c.state_dict())))
+    assert run(resumed, range(9, 40)) == run(c, range(9, 40))
+
+
 def test_reward_by_hand():
     # H=3, gamma=0.5, lambda=0.1: losses 3, 2, 0.5 and answer log-probs -2, -1, -1
     # R = (3 - 2) + 0.1 * (-1 + 2) + 0.5 * ((2 - 0.5) + 0.1 * 0) = 1.85

@@ -35,6 +35,11 @@ bounds |advantage| by sqrt(d / (1 - d)), 3 by default). Policy loss:
 -advantage * log Beta(x | a, b) + entropy_coef * relu(entropy_floor - entropy(Beta(a, b))), x
 being the draw before clipping; the hinge is a floor that keeps the policy exploring.
 
+Asynchronous pipeline (`rollout.max_staleness` k > 0): the batch of step n+k+1 is made, and
+its alpha asked for, before step n is observed. So alpha() may run ahead of observe(): a new
+decision is drawn from the state observed so far, every decision stays open until its last
+step is observed, and each observation is credited to the decision whose window holds its step.
+
 Robustness: a metric that is missing or not finite is skipped: its moving average keeps its
 last value, a signal never seen enters the state as 0, a step pair lacking a value adds no
 reward term, and a decision with no term at all is not learned from. Finite metrics are
@@ -148,7 +153,8 @@ class ExposureController:
         self._opt = torch.optim.Adam(self._net.parameters(), lr=cfg.lr)
         self._ema: dict[str, float | None] = {"alpha": None, "loss": None, "kl": None, "confidence": None}
         self._reward_stats: list[float] | None = None  # running [mean, variance] of rewards
-        self._decision: _Decision | None = None
+        # Decisions in window order: the last one learned from and every later one.
+        self._decisions: list[_Decision] = []
 
     def alpha(self, step: int) -> float:
         """The alpha for this step's teacher scoring (the same value when asked twice)."""
@@ -159,9 +165,12 @@ class ExposureController:
             span = cfg.schedule_steps or self.total_steps
             frac = min(max(step, 0), span) / span
             return self._clip((1 - frac) * cfg.schedule_start + frac * cfg.schedule_end)
-        d = self._decision
-        if d is None or not d.start <= step < d.start + cfg.hold_steps:
-            d = self._decision = self._decide(step)
+        d = self._covering(step)
+        if d is None:
+            if self._decisions and step < self._decisions[-1].start:
+                raise ValueError(f"alpha(step={step}): that step's exposure decision is already learned from")
+            d = self._decide(step)
+            self._decisions.append(d)
         return d.alpha
 
     def observe(self, step: int, metrics: dict[str, float], answer_logprob: float | None = None) -> dict[str, float]:
@@ -172,8 +181,8 @@ class ExposureController:
         """
         if self.cfg.policy != "controller":
             return {"exposure/alpha": self.alpha(step)}
-        d = self._decision
-        if d is None or not d.start <= step < d.start + self.cfg.hold_steps:
+        d = self._covering(step)
+        if d is None:
             raise ValueError(f"observe(step={step}): no exposure decision covers this step; call alpha({step}) first")
         keys = (self.cfg.loss_key, self.cfg.kl_key, self.cfg.entropy_key)
         loss, kl, entropy = (_finite(metrics.get(k)) for k in keys)
@@ -187,6 +196,7 @@ class ExposureController:
         if k == self.cfg.hold_steps - 1 and not d.done:
             d.done = True
             out.update(self._learn(d))
+            self._decisions = [e for e in self._decisions if not e.done or e.start >= d.start]
         return out
 
     def state_dict(self) -> dict:
@@ -201,7 +211,7 @@ class ExposureController:
             "rng": self._rng.bit_generator.state,
             "ema": dict(self._ema),
             "reward_stats": self._reward_stats,
-            "decision": asdict(self._decision) if self._decision else None,
+            "decisions": [asdict(d) for d in self._decisions],
         }
 
     def load_state_dict(self, d: dict) -> None:
@@ -216,9 +226,19 @@ class ExposureController:
         self._rng.bit_generator.state = d["rng"]
         self._ema = dict(d["ema"])
         self._reward_stats = list(d["reward_stats"]) if d["reward_stats"] is not None else None
-        self._decision = _Decision(**d["decision"]) if d["decision"] else None
+        if "decisions" in d:
+            self._decisions = [_Decision(**e) for e in d["decisions"]]
+        else:  # saved before decisions could run ahead of observations: at most one
+            self._decisions = [_Decision(**d["decision"])] if d.get("decision") else []
 
     # ----------------------------------------------------------------------------- internals
+
+    def _covering(self, step: int) -> _Decision | None:
+        """The decision whose window [start, start + H) holds `step`, if any."""
+        for d in self._decisions:
+            if d.start <= step < d.start + self.cfg.hold_steps:
+                return d
+        return None
 
     def _clip(self, alpha: float) -> float:
         return min(max(alpha, self.cfg.alpha_min), self.cfg.alpha_max)
