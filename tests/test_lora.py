@@ -15,7 +15,7 @@ from tests.test_learner import _Reference
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    return str(build_tiny_model(tmp_path_factory.mktemp("m"), seed=0, hidden_size=32, num_layers=1, num_heads=2))
+    return str(build_tiny_model(tmp_path_factory.mktemp("m"), seed=0, hidden_size=64, num_layers=1, num_heads=2))
 
 
 def _adapter(base, tmp_path, **fields):
@@ -105,3 +105,94 @@ def test_lora_two_ranks_equal_plain_peft_adamw(base, tmp_path, monkeypatch, zero
         assert any(not torch.all(t == 0) for n, t in ours.items() if "lora_B" in n)
     finally:
         ray.shutdown()
+
+
+def _perturbed_adapter(path, seed):
+    """The adapter's tensors with every B drawn at random (so the adapter changes the model)."""
+    tensors = load_file(f"{path}/{lora.ADAPTER_WEIGHTS}")
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(t.shape, generator=g) * 0.3 if "lora_B" in n else t for n, t in tensors.items()}
+
+
+@torch.no_grad()
+def _peft_logprobs(path, tensors, sequence):
+    model = lora.load_policy(path, torch.float32)
+    params = lora.published_parameters(model)
+    for name, t in tensors.items():
+        params[name].copy_(t)
+    ids = torch.tensor([sequence])
+    return model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
+
+
+def test_frozen_teacher_takes_no_bytes_and_ema_teacher_averages_the_adapter(base, tmp_path):
+    from selfdistill.config import SyncConfig, TeacherConfig
+    from selfdistill.data.templates import PromptTemplates
+    from selfdistill.teacher.actor import TeacherActor
+
+    class Untouchable:
+        def __iter__(self):
+            raise AssertionError("the frozen teacher read published weights")
+
+    path, _ = _adapter(base, tmp_path)
+    frozen = TeacherActor(base, TeacherConfig(weights="frozen"), PromptTemplates(), 1.0, SyncConfig())
+    assert frozen.load_weights(Untouchable(), 1) == 0
+
+    ema = TeacherActor(path, TeacherConfig(weights="ema", ema_rate=0.75), PromptTemplates(), 1.0, SyncConfig())
+    before = {n: p.detach().clone() for n, p in lora.published_parameters(ema.model).items()}
+    new = _perturbed_adapter(path, seed=3)
+    assert ema.load_weights([new], 1) == 1
+    after = lora.published_parameters(ema.model)
+    assert set(after) == set(new)
+    for name, tensor in new.items():
+        torch.testing.assert_close(after[name].detach(), 0.75 * before[name] + 0.25 * tensor)
+    base_weight = "base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"
+    torch.testing.assert_close(dict(ema.model.named_parameters())[base_weight].detach(),
+                               AutoModelForCausalLM.from_pretrained(base).state_dict()[base_weight.removeprefix(
+                                   lora.BASE_PREFIX).replace(".base_layer", "")])
+
+
+def test_learner_changes_only_the_adapter(base, tmp_path, monkeypatch):
+    import socket
+
+    from selfdistill.learner.actor import LearnerActor
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    path, _ = _adapter(base, tmp_path)
+    cfg = load_config(None, [f"model={{kind: pretrained, path: {base}}}", "objective.name=grpo", "learner.lr=1e-2",
+                             "learner.lora={rank: 4, alpha: 8}"])
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    learner = LearnerActor(cfg, path, rank=0, world_size=1, master_port=port)
+    initial = {n: p.detach().clone() for n, p in learner.engine.module.named_parameters()}
+    problem = Problem("p", "q", "r", "1")
+    trajs = [Trajectory(problem, 0, [5, 6, 7], [8, 9, 10 + i], [-1.0] * 3, "stop", 0, reward=float(i)) for i in range(2)]
+    for _ in range(2):
+        learner.train_step(trajs, None)
+    changed = {n for n, p in learner.engine.module.named_parameters() if not torch.equal(p.detach(), initial[n])}
+    assert changed and all(".lora_" in n for n in changed)
+    assert {n for n, p in learner.engine.module.named_parameters() if p.requires_grad} == {
+        n for n in initial if ".lora_" in n}
+
+
+@pytest.mark.e2e
+def test_vllm_serves_the_adapter_and_each_synced_version(base, tmp_path):
+    from selfdistill.rollout.base import EngineConfig, SamplingConfig, build_engine
+
+    path, _ = _adapter(base, tmp_path)
+    torch.set_num_threads(1)
+    engine = build_engine(EngineConfig(enforce_eager=True, kv_cache_gib=0.25, max_model_len=128), path)
+    sequence = [1, *range(3, 30)]
+    initial = load_file(f"{path}/{lora.ADAPTER_WEIGHTS}")
+    gap = (torch.tensor(engine.sequence_logprobs([sequence])[0]) - _peft_logprobs(path, initial, sequence)).abs()
+    assert gap.max() <= 1e-4
+    for version in (1, 2):
+        tensors = _perturbed_adapter(path, seed=version)
+        engine.load_weights(iter(tensors.items()))
+        want = _peft_logprobs(path, tensors, sequence)
+        assert (want - _peft_logprobs(path, initial, sequence)).abs().max() > 1e-2  # the adapter matters
+        assert (torch.tensor(engine.sequence_logprobs([sequence])[0]) - want).abs().max() <= 1e-4
+        samples = engine.generate([sequence[:4]], SamplingConfig(n=2, max_new_tokens=5, seed=0))
+        assert [len(s.token_ids) for s in samples[0]] and all(s.finish_reason in ("stop", "length") for s in samples[0])
+    with pytest.raises(ValueError, match="weight sync incomplete"):
+        engine.load_weights(iter(list(tensors.items())[:-1]))

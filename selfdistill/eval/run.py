@@ -3,7 +3,8 @@
     selfdistill eval runs/NAME/checkpoints/step-000040 --k 8
     selfdistill eval configs/eval/aime.yaml sampling.temperature=0.6 --out evals/aime
 
-The target is a Hugging Face model folder (config.json present) or an `EvalConfig` YAML.
+The target is a Hugging Face model folder (config.json present), a LoRA adapter folder
+(adapter_config.json: a LoRA run's checkpoint, served as base + adapter), or an `EvalConfig` YAML.
 A checkpoint inside a run folder (runs/NAME/checkpoints/step-N) inherits the run's
 templates, engine, sampling budget and, for the arithmetic task, its held-out split, so
 the plain command scores what the run trained for. The engine runs in this process (no
@@ -255,8 +256,9 @@ def load_eval_config(
 
     path = Path(target)
     if path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ConfigError(f"{path} is not a Hugging Face model folder (no config.json there) nor a YAML file")
+        if not any((path / name).is_file() for name in ("config.json", "adapter_config.json")):
+            raise ConfigError(f"{path} is not a Hugging Face model folder (no config.json there), a LoRA adapter "
+                              f"folder (no adapter_config.json) nor a YAML file")
         raw: dict[str, Any] = {**run_defaults(path), "model": str(path)}
     elif path.is_file():
         try:

@@ -1,6 +1,7 @@
 """`selfdistill train [CONFIG] [section.field=value ...] [--resume runs/NAME | --resume auto]`,
 `selfdistill eval CHECKPOINT_OR_CONFIG [field=value ...] [--k K] [--out DIR]`,
-`selfdistill plot RUN_DIR_OR_EVAL [...] [--out FILE]`."""
+`selfdistill plot RUN_DIR_OR_EVAL [...] [--out FILE]`,
+`selfdistill export RUN_OR_CHECKPOINT --merged OUT`."""
 
 from __future__ import annotations
 
@@ -26,11 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     pl = sub.add_parser("plot", help="PNG of training curves (run folders) and pass@k curves (eval results)")
     pl.add_argument("paths", nargs="+", metavar="PATH", help="run folder (metrics.jsonl) or eval results.json / folder")
     pl.add_argument("--out", metavar="FILE", help="PNG path (default RUN_DIR/plots.png for one run, else plots.png)")
+    ex = sub.add_parser("export", help="write a checkpoint (full or LoRA adapter) as a full Hugging Face folder")
+    ex.add_argument("source", help="run folder (its last checkpoint) or checkpoint folder")
+    ex.add_argument("--merged", metavar="OUT", required=True, help="output folder: base + adapter merged, tokenizer")
     args, extra = parser.parse_known_args(argv)
     if args.command == "eval" and not any(a.startswith("-") for a in extra):  # overrides after --k/--out
         args.overrides, extra = [*args.overrides, *extra], []
     if extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if args.command == "export":
+        return _export(args)
     if args.command in ("eval", "plot"):
         return _eval(args) if args.command == "eval" else _plot(args)
 
@@ -77,6 +83,20 @@ def _eval(args: argparse.Namespace) -> int:
         return 2
     print(summary_table(results))
     print(f"results: {cfg.out_dir / 'results.json'}  samples: {cfg.out_dir / 'samples.jsonl'}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    from selfdistill.launch.run_dir import latest_checkpoint
+    from selfdistill.models.lora import export_merged
+
+    source = Path(args.source)
+    checkpoint = latest_checkpoint(source) if (source / "config.yaml").is_file() else source
+    if checkpoint is None or not any((checkpoint / f).is_file() for f in ("config.json", "adapter_config.json")):
+        print(f"selfdistill: error: {source} is neither a run folder with a checkpoint nor a model or adapter "
+              f"folder", file=sys.stderr)
+        return 2
+    print(f"merged: {export_merged(str(checkpoint), args.merged)}")
     return 0
 
 

@@ -20,6 +20,7 @@ from selfdistill.launch.console import Console
 from selfdistill.launch.evaluate import held_out_eval
 from selfdistill.launch.model import prepare_model
 from selfdistill.launch.pipeline import RolloutPipeline
+from selfdistill.launch.policy import policy_paths
 from selfdistill.launch.run_dir import (MetricsLog, checkpoint_dir, read_trainer_state, resume_checkpoint,
                                         save_checkpoint)
 from selfdistill.launch.step_metrics import step_metrics
@@ -38,9 +39,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     train_problems = load_split(cfg.data, "train", cfg.run.eval_size)
     eval_problems = load_split(cfg.data, "eval", cfg.run.eval_size)
     initial_model = state.get("initial_model") or prepare_model(cfg, console)
-    policy = str(resume_from) if resume_from else initial_model
-    teacher = {"frozen": initial_model, "live": policy,
-               "ema": str(resume_from / "teacher") if resume_from else initial_model}[cfg.teacher.weights]
+    policy, teacher = policy_paths(cfg, initial_model, resume_from)  # with LoRA: adapter folders (launch/policy.py)
     contexts = build_objective(cfg.objective).contexts
     sampler = PromptSampler(train_problems, cfg.run.seed, **state.get("data", {}))
     exposure = ExposureController(cfg.teacher.exposure, cfg.run.steps)

@@ -139,7 +139,7 @@ def published_parameters(model) -> dict[str, torch.nn.Parameter]:
 
     if isinstance(model, PeftModel):
         return {published_name(n): p for n, p in model.named_parameters() if ".lora_" in n}
-    return dict(model.state_dict(keep_vars=True))
+    return dict(model.named_parameters())
 
 
 # A unit of a weight sync: the published name, the parameters it is computed from, and how.

@@ -9,8 +9,9 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig
 
+from selfdistill.models import lora
 from selfdistill.rollout.base import EngineConfig, Sample, SamplingConfig
 
 
@@ -18,7 +19,7 @@ class HFEngine:
     """`RolloutEngine` on transformers (see `rollout.base`)."""
 
     def __init__(self, model_path: str, cfg: EngineConfig):
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=getattr(torch, cfg.dtype)).eval()
+        self.model = lora.load_policy(model_path, getattr(torch, cfg.dtype)).eval()  # an adapter folder: base + adapter
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
         eos = self.model.generation_config.eos_token_id
@@ -99,13 +100,14 @@ class HFEngine:
     @torch.no_grad()
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
         """Copy tensors in by name; raise on an unknown name or a parameter left unsent."""
-        targets = self.model.state_dict(keep_vars=True)  # tied lm_head.weight is an alias of the embedding
+        expected = lora.published_parameters(self.model)  # every parameter, or the adapter's
+        targets = {**self.model.state_dict(keep_vars=True), **expected}  # tied lm_head.weight: an alias of the embedding
         sent = set()
         for name, tensor in named_tensors:
             if name not in targets:
                 raise KeyError(f"unknown parameter {name!r} for {type(self.model).__name__}")
             targets[name].copy_(tensor)
             sent.add(name)
-        missing = {name for name, _ in self.model.named_parameters()} - sent
+        missing = set(expected) - sent
         if missing:
             raise ValueError(f"weight sync incomplete: {len(missing)} parameters not sent, e.g. {sorted(missing)[:3]}")

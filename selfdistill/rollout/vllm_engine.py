@@ -1,6 +1,8 @@
 """The vLLM rollout engine: `vllm.LLM` in this process, token ids in and out.
 
-All vLLM calls go through `rollout.vllm_internals`.
+All vLLM calls go through `rollout.vllm_internals`. Given a PEFT adapter folder instead of a
+model folder, the engine serves base + adapter with vLLM's LoRA support, and `load_weights`
+takes adapter tensors (`rollout.lora_adapter`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from selfdistill.models import lora
 from selfdistill.rollout import vllm_internals as vi
 from selfdistill.rollout.base import EngineConfig, Sample, SamplingConfig
 
@@ -19,8 +22,16 @@ class VLLMEngine:
     """`RolloutEngine` on vLLM (see `rollout.base`)."""
 
     def __init__(self, model_path: str, cfg: EngineConfig):
-        self.llm = vi.make_llm(model_path, cfg)
-        self.checkpoint_names = _checkpoint_names(model_path)
+        self.adapter = None
+        if lora.is_adapter(model_path):
+            from selfdistill.rollout.lora_adapter import AdapterVersions
+
+            rank = lora.adapter_settings(model_path)["r"]
+            self.llm = vi.make_llm(lora.base_model_path(model_path), cfg, max_lora_rank=rank)
+            self.adapter = AdapterVersions(self.llm, model_path)
+        else:
+            self.llm = vi.make_llm(model_path, cfg)
+        self.checkpoint_names = _checkpoint_names(model_path)  # with an adapter: the adapter's tensors
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
         done = dict(self.generate_stream(prompts, sampling))
@@ -31,7 +42,7 @@ class VLLMEngine:
             params = vi.sampling_params(sampling, seed=None)
         else:  # sample j of prompt i gets seed + i*n + j: no two samples share a stream
             params = [vi.sampling_params(sampling, seed=sampling.seed + i * sampling.n) for i in range(len(prompts))]
-        for i, out in vi.generate_stream(self.llm, prompts, params):
+        for i, out in vi.generate_stream(self.llm, prompts, params, self._adapter_request()):
             yield i, [
                 Sample(
                     token_ids=list(c.token_ids),
@@ -43,15 +54,21 @@ class VLLMEngine:
             ]
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        return [vi.prompt_logprobs(out) for out in vi.generate(self.llm, sequences, vi.scoring_params())]
+        outputs = vi.generate(self.llm, sequences, vi.scoring_params(), self._adapter_request())
+        return [vi.prompt_logprobs(out) for out in outputs]
+
+    def _adapter_request(self):
+        return self.adapter.request if self.adapter else None
 
     def load_weights(self, named_tensors: Iterable[tuple[str, torch.Tensor]]) -> None:
-        """Reload every weight in place; raise if the checkpoint's tensors were not all sent.
+        """Reload every weight in place (with an adapter: replace the adapter); raise if the checkpoint's (adapter's)
+        tensors were not all sent.
 
         vLLM itself only warns about missing tensors and keeps their old values: the
         stale-weights bug this check turns into an error.
         """
-        missing = self.checkpoint_names - vi.reload_weights(self.llm, named_tensors)
+        received = self.adapter.load(named_tensors) if self.adapter else vi.reload_weights(self.llm, named_tensors)
+        missing = self.checkpoint_names - received
         if missing:
             raise ValueError(
                 f"weight sync incomplete: {len(missing)} of {len(self.checkpoint_names)} checkpoint tensors were not "

@@ -24,6 +24,12 @@ A vLLM upgrade should touch this file only. What is used, and why:
   `LLM.apply_model` re-running the layer's `process_weights_after_loading`), and weights
   it did not receive only get a warning (`reload_weights` returns the names it passed on).
 - `LLM.reset_prefix_cache()`: cached KV blocks were computed with the old weights.
+- LoRA: `LLM(enable_lora=True, max_lora_rank=...)` (ranks vLLM allows: `MaxLoRARanks` in
+  vllm/config/lora.py), a `LoRARequest(name, int id, folder)` per adapter version passed to
+  `generate` (vLLM loads the PEFT folder at first use and caches it by id; prefix-cache blocks
+  are keyed by the adapter's name, so versions never share KV), `llm_engine.remove_lora(id)`
+  to drop a replaced version, and the model registry's class with `supports_lora` to refuse
+  a model whose vLLM implementation has no LoRA path.
 - RL weight-transfer API (`init_weight_transfer_engine`, `start_weight_update`,
   `update_weights`, `finish_weight_update(weight_version=...)`): the GPU path, where the
   learner broadcasts with NCCL or shares CUDA IPC handles; its built-in backends need CUDA.
@@ -39,6 +45,7 @@ import torch
 
 if TYPE_CHECKING:
     from vllm import LLM, RequestOutput, SamplingParams
+    from vllm.lora.request import LoRARequest
     from vllm.outputs import CompletionOutput
 
     from selfdistill.rollout.base import EngineConfig, SamplingConfig
@@ -51,12 +58,15 @@ def configure_env() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
-def make_llm(model_path: str, cfg: EngineConfig) -> LLM:
-    """Build an in-process `vllm.LLM` for a Hugging Face model folder."""
+def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = None) -> LLM:
+    """Build an in-process `vllm.LLM` for a Hugging Face model folder (serving one LoRA adapter at a time if
+    `max_lora_rank` is set)."""
     configure_env()
     from vllm import LLM
 
     kwargs = {}
+    if max_lora_rank is not None:
+        kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(max_lora_rank), max_loras=1)
     if cfg.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
     if cfg.weight_transfer_backend is not None:
@@ -103,19 +113,22 @@ def scoring_params() -> SamplingParams:
     return SamplingParams(max_tokens=1, prompt_logprobs=0, flat_logprobs=True, detokenize=False)
 
 
-def generate(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]) -> list[RequestOutput]:
-    """Run token-id prompts through the engine; outputs come back in prompt order."""
+def generate(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+             adapter: LoRARequest | None = None) -> list[RequestOutput]:
+    """Run token-id prompts through the engine (with a LoRA adapter if given); outputs come back in prompt order."""
     from vllm.inputs import TokensPrompt
 
-    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    return llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                        lora_request=adapter)
 
 
-def generate_stream(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams]
-                    ) -> Iterator[tuple[int, RequestOutput]]:
+def generate_stream(llm: LLM, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+                    adapter: LoRARequest | None = None) -> Iterator[tuple[int, RequestOutput]]:
     """Like `generate`, but yield (prompt index, output) as each request finishes (all its n samples)."""
     from vllm.inputs import TokensPrompt
 
-    request_ids = llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False)
+    request_ids = llm.enqueue([TokensPrompt(prompt_token_ids=p) for p in prompts], params, use_tqdm=False,
+                              lora_request=adapter)
     # enqueue returns internal ids "<external>-<8 random chars>"; outputs carry the external id.
     index_of = {request_id.rsplit("-", 1)[0]: i for i, request_id in enumerate(request_ids)}
     engine = llm.llm_engine
@@ -178,6 +191,46 @@ def _repack_tied_lm_head(model: torch.nn.Module) -> None:
     for module in model.modules():
         if isinstance(module, ParallelLMHead) and id(module.weight) in embeddings:
             module.quant_method.process_weights_after_loading(module)
+
+
+def lora_rank_slot(rank: int) -> int:
+    """The smallest `max_lora_rank` vLLM accepts that holds `rank`."""
+    from typing import get_args
+
+    from vllm.config.lora import MaxLoRARanks
+
+    allowed = sorted(get_args(MaxLoRARanks))
+    fitting = [r for r in allowed if r >= rank]
+    if not fitting:
+        raise ValueError(f"learner.lora.rank: vLLM serves LoRA ranks up to {allowed[-1]} (got {rank}); "
+                         f"use a smaller rank or learner.lora.sync=merged")
+    return fitting[0]
+
+
+def lora_request(folder: str, adapter_id: int) -> LoRARequest:
+    """A request for the PEFT adapter folder `folder`; each distinct adapter needs its own id (>= 1)."""
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(lora_name=f"adapter-{adapter_id}", lora_int_id=adapter_id, lora_path=folder)
+
+
+def remove_lora(llm: LLM, adapter_id: int) -> None:
+    """Drop an adapter version from the engine's cache (a no-op if it was never loaded)."""
+    llm.llm_engine.remove_lora(adapter_id)
+
+
+def lora_unsupported_reason(model_path: str) -> str | None:
+    """Why vLLM cannot serve a LoRA adapter on the model at `model_path`, or None when it can."""
+    configure_env()
+    from transformers import AutoConfig
+    from vllm.model_executor.models import ModelRegistry
+    from vllm.model_executor.models.interfaces import supports_lora
+
+    architectures = AutoConfig.from_pretrained(model_path).architectures or []
+    classes = [ModelRegistry._try_load_model_cls(arch) for arch in architectures]
+    if not any(cls is not None and supports_lora(cls) for cls in classes):
+        return f"vLLM 0.32 has no LoRA support for the architecture {architectures}"
+    return None
 
 
 def init_weight_transfer(llm: LLM, init_info: dict) -> None:

@@ -1,7 +1,8 @@
 """The teacher actor: holds a copy of the policy and scores responses under privileged contexts.
 
 Weights follow `teacher.weights`: `live` takes every published version, `frozen` keeps the
-initial weights, `ema` blends each published version into a moving average. One call
+initial weights, `ema` blends each published version into a moving average. Given a LoRA
+adapter folder, the teacher is base + adapter and takes (or averages) adapter tensors. One call
 scores every response under every context the objective asked for.
 """
 
@@ -14,6 +15,7 @@ import torch
 from selfdistill.config import SyncConfig, TeacherConfig
 from selfdistill.data.templates import PromptTemplates
 from selfdistill.learner.sync import build_transport
+from selfdistill.models import lora
 from selfdistill.records import Problem, TeacherScores
 from selfdistill.teacher.contexts import ChatConfig, prompt_ids
 from selfdistill.teacher.scorer import score_responses
@@ -24,11 +26,11 @@ class TeacherActor:
 
     def __init__(self, model_path: str, cfg: TeacherConfig, templates: PromptTemplates, temperature: float,
                  sync: SyncConfig, chat: ChatConfig | None = None):
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.cfg, self.templates, self.temperature, self.chat = cfg, templates, temperature, chat
-        self.model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).eval()
+        self.model = lora.load_policy(model_path, torch.float32).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.transport = build_transport(sync)
         self.version = 0
@@ -55,7 +57,7 @@ class TeacherActor:
         """Take published weights according to `teacher.weights`; returns the version now held."""
         if self.cfg.weights == "frozen":
             return self.version
-        params = dict(self.model.named_parameters())
+        params = lora.published_parameters(self.model)
         for name, tensor in self.transport.receive(handle):
             if name not in params:
                 raise KeyError(f"teacher received unknown parameter {name!r}")
