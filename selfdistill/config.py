@@ -202,6 +202,22 @@ class SyncConfig(Strict):
     )
 
 
+class FaultConfig(Strict):
+    max_failures: int = Field(
+        3, ge=0, description="Failures of one role (rollout engine, teacher, verifier worker) survived within window_s; "
+        "one more stops the run with a message naming the role.",
+    )
+    window_s: float = Field(3600.0, gt=0, description="Window (seconds) over which failures of a role are counted.")
+    call_timeout_s: float = Field(
+        600.0, gt=0, description="Longest wait for any rollout or teacher result or weight publish; past it the actors "
+        "waited on are treated as failed (replaced, their work redone).",
+    )
+    start_timeout_s: float = Field(600.0, gt=0, description="Longest wait for a replacement actor to start.")
+    probe_timeout_s: float = Field(
+        60.0, gt=0, description="After a failed weight publish, how long each receiver has to answer a liveness probe."
+    )
+
+
 class ClusterConfig(Strict):
     address: str | None = Field(
         None, description="Ray address to join (as `ray job submit` gives); None starts a local cluster on loopback."
@@ -224,6 +240,9 @@ class TrainConfig(Strict):
     objective: ObjectiveConfig = Field(description="Training objective (default: opsd, filled in before validation).")
     sync: SyncConfig = Field(default_factory=SyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    faults: FaultConfig = Field(
+        default_factory=FaultConfig, description="Which actor failures the run survives, and its timeouts."
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -245,6 +264,13 @@ class TrainConfig(Strict):
                 f"rollout.prompts_per_step ({self.rollout.prompts_per_step}) must be a multiple of "
                 f"learner.num_ranks ({self.learner.num_ranks}): prompt groups are split evenly across ranks"
             )
+        components = getattr(self.objective, "components", None)
+        for objective in [c.objective for c in components] if components else [self.objective]:
+            if getattr(objective, "needs_frozen_teacher", False) and self.teacher.weights != "frozen":
+                raise ValueError(
+                    f"objective {objective.name!r} anchors its target on the initial model (a 'none'-context pass of "
+                    f"the teacher), so it needs teacher.weights: frozen, got {self.teacher.weights!r}"
+                )
         return self
 
     @property
@@ -268,13 +294,6 @@ def _with_budget(objective: Any, budget: Any) -> Any:
         objective = {**objective, "max_response_len": budget}
     if objective.get("name") == "mix" and isinstance(objective.get("components"), list):
         objective = {**objective, "components": [
-        components = getattr(self.objective, "components", None)
-        for objective in [c.objective for c in components] if components else [self.objective]:
-            if getattr(objective, "needs_frozen_teacher", False) and self.teacher.weights != "frozen":
-                raise ValueError(
-                    f"objective {objective.name!r} anchors its target on the initial model (a 'none'-context pass of "
-                    f"the teacher), so it needs teacher.weights: frozen, got {self.teacher.weights!r}"
-                )
             {**c, "objective": _with_budget(c.get("objective"), budget)} if isinstance(c, dict) else c
             for c in objective["components"]
         ]}

@@ -17,16 +17,9 @@ from selfdistill.config import load_config
 from selfdistill.launch.processes import alive
 from selfdistill.launch.run_dir import latest_checkpoint
 from selfdistill.launch.train import train
-from selfdistill.models.tiny import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 SYNC_TOLERANCE = 1e-4
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0, hidden_size=64, num_layers=2,
-                            num_heads=2)
 
 
 def _config(tmp_path, model, *overrides):

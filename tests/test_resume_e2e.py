@@ -21,16 +21,9 @@ from selfdistill.config import load_config
 from selfdistill.launch.cli import main as cli_main
 from selfdistill.launch.run_dir import checkpoint_dir, latest_checkpoint
 from selfdistill.launch.train import train
-from selfdistill.models.tiny import build_tiny_model
 
 pytestmark = pytest.mark.e2e
 WEIGHT_TOLERANCE = 1e-5  # float32 reductions may be ordered differently across processes
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory) -> Path:
-    return build_tiny_model(tmp_path_factory.mktemp("model") / "tiny", seed=0, hidden_size=64, num_layers=2,
-                            num_heads=2)
 
 
 def _overrides(model: Path, output_dir: Path, *extra: str) -> list[str]:

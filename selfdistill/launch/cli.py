@@ -61,9 +61,14 @@ def main(argv: list[str] | None = None) -> int:
                     raise ConfigError(f"--resume: {run_dir} has no complete checkpoint under checkpoints/")
                 config = config or str(run_dir / "config.yaml")
             cfg = load_config(config, overrides)
+            from selfdistill.launch.faults import RoleFailed
             from selfdistill.launch.train import train
 
-            train(cfg, resume_from)
+            try:
+                train(cfg, resume_from)
+            except RoleFailed as e:
+                print(f"selfdistill: run stopped: {e}", file=sys.stderr)
+                return 3
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"selfdistill: error: {e}", file=sys.stderr)
         return 2

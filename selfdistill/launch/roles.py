@@ -100,7 +100,8 @@ class Roles:
         receivers = [e.load_weights.remote(handle, version) for e in self.engines]
         if self.teacher is not None:
             receivers.append(self.teacher.load_weights.remote(handle, version))
-        ray.get(receivers)
+        ray.get(receivers, timeout=self.cfg.faults.call_timeout_s)
+        self.published = (handle, version)  # what a replacement actor loads before it serves (launch/faults.py)
         return stats
 
     def save_checkpoint(self, path, client_state: dict) -> None:

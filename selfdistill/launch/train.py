@@ -55,6 +55,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
 
     from transformers import AutoTokenizer
 
+    from selfdistill.launch.faults import Faults
     from selfdistill.launch.roles import Roles
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
@@ -62,6 +63,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     with ray_cluster(cfg.cluster.address, num_cpus):
         console.status("starting Ray actors (vLLM engines, teacher, DeepSpeed ranks)")
         with Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start) as roles:
+            faults = Faults(cfg.faults, console, policy, teacher, start)  # replaces actors that die (launch/faults.py)
             before = state.get("eval_before") or held_out_eval(roles, eval_problems, cfg)
             accuracy_key = f"eval/avg@{cfg.run.eval_k}"
             console.note(f"held-out accuracy before training ({accuracy_key}): {before.get(accuracy_key, float('nan')):.3f} "
@@ -73,7 +75,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                 sampling = cfg.rollout.sampling.model_copy(update={"seed": cfg.run.seed * 100_003 + step})
                 with exposure_lock:
                     alpha = exposure.alpha(step) if "partial" in contexts else None
-                return collect_batch(roles, sampler, cfg, sampling, alpha)
+                return collect_batch(roles, sampler, cfg, sampling, alpha, faults)
 
             saves = [s for s in range(start + 1, cfg.run.steps + 1) if _saves_at(cfg, s)]
             pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness, saves)
@@ -83,9 +85,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                     with _timed(t, "idle"):  # the learner waits for the batch
                         batch = pipeline.get(step)
                     with _timed(t, "train"):
-                        train_metrics = roles.train(batch.trajs, batch.scores)
+                        train_metrics = faults.call("learner", roles.train, batch.trajs, batch.scores)
                     with _timed(t, "sync"):
-                        sync_info = roles.publish(version=step)
+                        sync_info = faults.retrying(roles, roles.publish, step)
                     t["step"] = t["idle"] + t["train"] + t["sync"]
                     metrics = {**step_metrics(batch.trajs, train_metrics, {**batch.seconds, **t}, step), **batch.info,
                                **sync_info}
@@ -94,9 +96,9 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                             metrics.update(exposure.observe(step, metrics))
                     pipeline.published(step)  # after observe: the next alpha always sees this step
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0:
-                        metrics.update(held_out_eval(roles, eval_problems, cfg))
+                        metrics.update(faults.retrying(roles, held_out_eval, roles, eval_problems, cfg))
                     if cfg.sync.check_every and step % cfg.sync.check_every == 0:
-                        metrics["sync/max_logprob_gap"] = roles.sync_gap(probe)
+                        metrics["sync/max_logprob_gap"] = faults.retrying(roles, roles.sync_gap, probe)
                     log.write(step, metrics)
                     bar.advance(step, metrics)
                     if _saves_at(cfg, step):
@@ -106,7 +108,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                                         lambda path: roles.save_checkpoint(path, {"data": batch.data_state}),
                                         {"step": step, "data": batch.data_state, "initial_model": initial_model,
                                          "eval_before": before, "exposure": exposure_state})
-            after = held_out_eval(roles, eval_problems, cfg)
+            after = faults.retrying(roles, held_out_eval, roles, eval_problems, cfg)
             pids = roles.pids
     log.close()
     plot_run(run_dir)

@@ -4,7 +4,8 @@
 `signal.alarm` (main thread only, and they turn a timeout into a silent "no match"). So each
 worker here is a `spawn`ed process fed one item at a time over a pipe; when an item runs past
 its deadline the parent SIGKILLs that worker, reports the item as timed out and starts a
-replacement. Other workers keep going, so a run never stalls on one answer. Being built from
+replacement. A worker that dies while it holds an item (killed for memory, say) is replaced
+and the item runs once more on the fresh worker; a second death reports it as an error. Other workers keep going, so a run never stalls on one answer. Being built from
 processes and pipes only, it works from any thread and inside Ray actors.
 """
 
@@ -96,6 +97,7 @@ class DeadlinePool:
         self._lock = threading.Lock()  # one map at a time: slots are not shared between calls
         self._closed = False
         self.started = 0  # worker processes started so far, replacements included
+        self.deaths = 0  # workers that died while holding an item (not counting deadline kills)
         self._finalizer = weakref.finalize(self, _shutdown, self._slots)
 
     def map(self, items: list[Any]) -> list[tuple[str, Any]]:
@@ -135,6 +137,8 @@ class DeadlinePool:
     def _run(self, items: list[Any]) -> list[tuple[str, Any]]:
         results: list[tuple[str, Any] | None] = [None] * len(items)
         queue = deque(range(len(items)))
+        self._retried: set[int] = set()
+        self._queue = queue
         while queue or any(slot.task is not None for slot in self._slots):
             for i, slot in enumerate(self._slots):
                 if slot.ready and slot.task is None and queue:
@@ -167,7 +171,13 @@ class DeadlinePool:
             code = slot.process.exitcode
             if not slot.ready:
                 raise RuntimeError(f"verifier worker died while starting (exit code {code})") from None
-            results[slot.task] = ("error", f"worker died (exit code {code})")
+            self.deaths += 1
+            if slot.task in self._retried:
+                results[slot.task] = ("error", f"worker died (exit code {code})")
+            else:  # once more, on a fresh worker: the death may have nothing to do with the item
+                self._retried.add(slot.task)
+                self._queue.appendleft(slot.task)
+            slot.task = None
             self._replace(index)
             return
         if not slot.ready:

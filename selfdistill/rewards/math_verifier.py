@@ -138,6 +138,11 @@ class MathVerifier:
         return [VerifyResult(1.0 if s == "correct" else 0.0, s, r) for s, r in zip(statuses, reasons)]
 
     @property
+    def worker_deaths(self) -> int:
+        """Worker processes that died while checking an answer (each such answer was checked again)."""
+        return self._pool.deaths
+
+    @property
     def workers_started(self) -> int:
         """Worker processes started so far (replacements included): 0 while every answer was decided here."""
         return self._pool.started
