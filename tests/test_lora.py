@@ -196,3 +196,38 @@ def test_vllm_serves_the_adapter_and_each_synced_version(base, tmp_path):
         assert [len(s.token_ids) for s in samples[0]] and all(s.finish_reason in ("stop", "length") for s in samples[0])
     with pytest.raises(ValueError, match="weight sync incomplete"):
         engine.load_weights(iter(list(tensors.items())[:-1]))
+
+
+@pytest.mark.parametrize("size", ["1.7b", "4b", "8b"])
+def test_papers_that_train_lora_use_it_in_their_gpu_configs(size):
+    """PW-OPSD's code and the PMI paper train LoRA r 64 (alpha 128 in PW-OPSD's code), lr 5e-6 (METHODS.md)."""
+    from pathlib import Path
+
+    for method in ("position_weighted", "pmi"):
+        cfg = load_config(Path(__file__).parent.parent / "configs" / "gpu" / f"qwen3-{size}" / f"{method}.yaml")
+        lc = cfg.learner.lora
+        assert (lc.rank, lc.alpha, lc.sync, cfg.learner.lr, cfg.teacher.weights) == (64, 128, "adapter", 5e-6, "frozen")
+    for method in ("grpo", "dasd"):  # papers that train full weights
+        assert load_config(Path(__file__).parent.parent / "configs" / "gpu" / f"qwen3-{size}" / f"{method}.yaml"
+                           ).learner.lora is None
+
+
+def test_lora_on_a_model_vllm_cannot_serve_with_lora_fails_before_any_actor(tmp_path):
+    """GPT-2 has no LoRA path in vLLM 0.32: adapter serving is refused naming learner.lora.sync; merged is fine."""
+    from transformers import GPT2Config
+
+    from selfdistill.launch.policy import check_lora
+    from selfdistill.launch.train import train
+
+    gpt2 = tmp_path / "gpt2"
+    GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
+    cfg = load_config(None, [f"model={{kind: pretrained, path: {gpt2}}}", "learner.lora={rank: 8}",
+                             f"run.output_dir={tmp_path}", "run.progress=false"])
+    with pytest.raises(ConfigError, match=r"learner\.lora\.sync: adapter serving needs vLLM's LoRA support: .*"
+                                          r"GPT2LMHeadModel.*learner\.lora\.sync=merged"):
+        train(cfg)
+    import ray
+
+    assert not ray.is_initialized()  # refused before the cluster and any actor started
+    check_lora(cfg.model_copy(update={"learner": cfg.learner.model_copy(update={
+        "lora": lora.LoraConfig(rank=8, sync="merged")})}), str(gpt2))
