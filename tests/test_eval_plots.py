@@ -5,7 +5,7 @@ import math
 
 import pytest
 
-from selfdistill.eval.plots import ema, plot_run, plot_runs, read_metrics
+from selfdistill.eval.plots import ema, plot_run, plot_runs, read_metrics, run_rows, training_panels
 from selfdistill.launch import cli
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -16,7 +16,8 @@ def _write_run(path, steps, accuracy_slope, eval_every=0):
     with (path / "metrics.jsonl").open("w") as f:
         for step in range(1, steps + 1):
             row = {"step": step, "reward/mean": accuracy_slope * step, "reward/accuracy": accuracy_slope * step,
-                   "train/entropy": 2.0 * math.exp(-step / 20), "response/length": 40 + step % 7}
+                   "train/entropy": 2.0 * math.exp(-step / 20), "response/length": 40 + step % 7,
+                   "train/loss": 1.0 / step, "train/teacher_student_kl/full": 0.5 / step}
             if eval_every and step % eval_every == 0:
                 row["eval/avg@4"] = accuracy_slope * step
             f.write(json.dumps(row) + "\n")
@@ -63,3 +64,16 @@ def test_cli_plot(tmp_path, capsys):
 def test_ema_debiased():
     assert ema([1.0, 1.0, 1.0], 5) == pytest.approx([1.0, 1.0, 1.0])
     assert ema([0.0, 3.0], 1) == pytest.approx([0.0, 3.0])
+
+
+def test_panels_show_held_out_accuracy_loss_and_kl_and_reward_once(tmp_path):
+    run = _write_run(tmp_path / "r", 20, 0.01, eval_every=5)
+    (run / "summary.json").write_text(json.dumps({"eval_before": {"eval/avg@4": 0.3, "eval/pass@4": 0.5}}))
+    rows = run_rows(run)
+    assert rows[0] == {"step": 0, "eval/avg@4": 0.3}  # the before-training point starts the held-out curve
+    titles = [title for title, _ in training_panels([("r", rows)])]
+    assert titles == ["held-out avg@4", "training loss", "teacher-student KL (nats / token)",
+                      "rollout reward (mean)", "entropy (nats / token)", "response length (tokens)"]
+    # an RLVR run without a teacher: no KL panel; no eval_every: no held-out panel
+    rlvr = [{"step": 1, "reward/mean": 0.5, "train/loss": 0.1}]
+    assert [t for t, _ in training_panels([("g", rlvr)])] == ["training loss", "rollout reward (mean)"]

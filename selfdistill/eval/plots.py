@@ -4,9 +4,11 @@
     selfdistill plot runs/opsd runs/opsd/checkpoints/step-000040/eval
 
 Each PATH is a run folder (holds metrics.jsonl) or an evaluation (a results.json, or a
-folder holding one). Training panels: reward, accuracy, entropy, response length, and
-held-out Avg@k when the run logged it (`eval/avg@K`), one line per run, legend = run
-name. Noisy curves (20 points or more) are drawn faint with an exponential moving
+folder holding one). Training panels, each drawn when some run logged it: held-out Avg@k
+over steps (`eval/avg@K`, logged with `run.eval_every`; the before-training value from
+summary.json is step 0), the training loss, the teacher-student KL (the first context a run
+has), the rollout reward (for a 0/1 verifier this is the rollout accuracy too, so it is
+drawn once), entropy and response length; one line per run, legend = run name. Noisy curves (20 points or more) are drawn faint with an exponential moving
 average on top. Evaluations add a pass@k panel: one line per evaluation and data set
 (the macro mean when there are several data sets), k on a log2 axis.
 """
@@ -19,14 +21,15 @@ import re
 from pathlib import Path
 from typing import Any
 
-# (title, metric keys tried in order: the first one a run has is drawn); titles in UNIT_RANGE get a 0-1 axis
+# (title, metric keys tried in order: the first one a run has is drawn); held-out accuracy gets a 0-1 axis
 PANELS: list[tuple[str, tuple[str, ...]]] = [
-    ("reward (mean)", ("reward/mean",)),
-    ("accuracy (rollouts)", ("reward/accuracy",)),
+    ("training loss", ("train/loss",)),
+    ("teacher-student KL (nats / token)", tuple(f"train/teacher_student_kl/{c}"
+                                               for c in ("full", "partial", "reference_only", "none"))),
+    ("rollout reward (mean)", ("reward/mean",)),
     ("entropy (nats / token)", ("train/entropy", "train/student_entropy")),
     ("response length (tokens)", ("response/length",)),
 ]
-UNIT_RANGE = {"accuracy (rollouts)"}
 _HELD_OUT = re.compile(r"^eval/avg@\d+$")
 SMOOTH_FROM = 20  # points; shorter curves are drawn as they are
 
@@ -44,6 +47,27 @@ def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
             if i != len(lines) - 1:  # a run being written may have a partial last line
                 raise
     return rows
+
+
+def run_rows(run_dir: str | Path) -> list[dict[str, Any]]:
+    """A run's metric rows, led by a step-0 row of its before-training evaluation when summary.json has one."""
+    rows = read_metrics(run_dir)
+    summary = Path(run_dir) / "summary.json"
+    if summary.is_file():
+        before = json.loads(summary.read_text()).get("eval_before") or {}
+        held_out = {k: v for k, v in before.items() if _HELD_OUT.match(k)}
+        if held_out:
+            rows = [{"step": 0, **held_out}, *rows]
+    return rows
+
+
+def training_panels(runs: list[tuple[str, list[dict[str, Any]]]]) -> list[tuple[str, tuple[str, ...]]]:
+    """(title, metric keys) of the panels some run has data for, held-out accuracy first."""
+    panels = [(title, keys) for title, keys in PANELS if any(_first_key(rows, keys) for _, rows in runs)]
+    held_out = sorted({key for _, rows in runs for row in rows for key in row if _HELD_OUT.match(key)})
+    if held_out:
+        panels.insert(0, (f"held-out {held_out[0].removeprefix('eval/')}", tuple(held_out)))
+    return panels
 
 
 def series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
@@ -101,14 +125,11 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
             name = _label(folder.parent if folder.name == "eval" else folder, taken)  # CKPT/eval: named by CKPT
             evals.append((name, json.loads(results_path.read_text())))
         elif (p / "metrics.jsonl").is_file():
-            runs.append((_label(p, taken), read_metrics(p)))
+            runs.append((_label(p, taken), run_rows(p)))
         else:
             raise FileNotFoundError(f"plot: {p} holds neither metrics.jsonl (a run) nor results.json (an evaluation)")
 
-    panels = [(title, keys) for title, keys in PANELS if any(_first_key(rows, keys) for _, rows in runs)]
-    held_out = sorted({key for _, rows in runs for row in rows for key in row if _HELD_OUT.match(key)})
-    if held_out:
-        panels.append((f"held-out {held_out[0].removeprefix('eval/')}", tuple(held_out)))
+    panels = training_panels(runs)
     count = len(panels) + bool(evals)
     if count == 0:
         raise ValueError("plot: the runs logged none of the plotted metrics")
@@ -136,7 +157,7 @@ def plot_runs(paths: list[str | Path], out: str | Path) -> Path:
         ax.set_title(title, fontsize=11)
         ax.set_xlabel("step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        if title in UNIT_RANGE or title.startswith("held-out"):
+        if title.startswith("held-out"):
             ax.set_ylim(-0.02, 1.02)
         ax.grid(alpha=0.3)
     if evals:
