@@ -101,6 +101,15 @@ class RunConfig(Strict):
         "there is one (else starts fresh), so a job restarted by a scheduler continues by itself; a path takes that "
         "checkpoint folder; unset starts fresh.",
     )
+    loggers: list[Literal["tensorboard", "wandb", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="Trackers fed every step's metrics besides metrics.jsonl: tensorboard (run folder tb/), wandb "
+        "(offline unless WANDB_MODE says otherwise, project WANDB_PROJECT or selfdistill), mlflow (MLFLOW_TRACKING_URI "
+        "or a local file store in output_dir/mlruns); wandb and mlflow need the trackers extra.",
+    )
+    group: str | None = Field(
+        None, description="Experiment group shared by related runs (a sweep sets its name): W&B group, MLflow experiment."
+    )
 
 
 class RolloutConfig(Strict):

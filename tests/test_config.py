@@ -7,7 +7,9 @@ import pytest
 from selfdistill.config import ConfigError, TrainConfig, load_config, save_config
 
 # Training configs; evaluation configs (configs/eval/) are EvalConfigs, checked in test_paper_configs.py.
-CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("**/*.yaml") if "eval" not in p.parts)
+# Sweep files (configs/scaling/) are checked in test_sweep.py.
+CONFIGS = sorted(p for p in (Path(__file__).parent.parent / "configs").glob("**/*.yaml")
+                 if "eval" not in p.parts and "scaling" not in p.parts)
 
 
 def test_default_is_the_cpu_job():

@@ -1,6 +1,7 @@
 """`selfdistill train [CONFIG] [section.field=value ...] [--resume runs/NAME | --resume auto]`,
 `selfdistill eval CHECKPOINT_OR_CONFIG [field=value ...] [--k K] [--out DIR]`,
 `selfdistill plot RUN_DIR_OR_EVAL [...] [--out FILE]`,
+`selfdistill sweep SWEEP.yaml [--submit ADDR] [--dry-run] [--report]`,
 `selfdistill export RUN_OR_CHECKPOINT --merged OUT`."""
 
 from __future__ import annotations
@@ -30,6 +31,11 @@ def main(argv: list[str] | None = None) -> int:
     ex = sub.add_parser("export", help="write a checkpoint (full or LoRA adapter) as a full Hugging Face folder")
     ex.add_argument("source", help="run folder (its last checkpoint) or checkpoint folder")
     ex.add_argument("--merged", metavar="OUT", required=True, help="output folder: base + adapter merged, tokenizer")
+    sw = sub.add_parser("sweep", help="a grid of training runs from a sweep file (see launch/sweep.py)")
+    sw.add_argument("sweep_file", metavar="SWEEP.yaml", help="sweep file: base config, set, grid, zip, metrics")
+    sw.add_argument("--submit", metavar="ADDR", help="submit the points as jobs to the Ray cluster at ADDR")
+    sw.add_argument("--dry-run", action="store_true", help="list the points and their resolved configs; run nothing")
+    sw.add_argument("--report", action="store_true", help="only gather the table and plots of what has finished")
     args, extra = parser.parse_known_args(argv)
     if args.command == "eval" and not any(a.startswith("-") for a in extra):  # overrides after --k/--out
         args.overrides, extra = [*args.overrides, *extra], []
@@ -37,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "export":
         return _export(args)
+    if args.command == "sweep":
+        return _sweep(args)
     if args.command in ("eval", "plot"):
         return _eval(args) if args.command == "eval" else _plot(args)
 
@@ -103,6 +111,21 @@ def _export(args: argparse.Namespace) -> int:
         return 2
     print(f"merged: {export_merged(str(checkpoint), args.merged)}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from selfdistill.config import ConfigError
+    from selfdistill.launch.sweep import load_sweep, run_sweep, write_report
+
+    try:
+        if args.report:
+            rows = write_report(*load_sweep(args.sweep_file))
+        else:
+            rows = run_sweep(args.sweep_file, submit=args.submit, dry_run=args.dry_run)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"selfdistill: error: {e}", file=sys.stderr)
+        return 2
+    return 1 if any(row.get("status") == "failed" for row in rows) else 0
 
 
 def _plot(args: argparse.Namespace) -> int:

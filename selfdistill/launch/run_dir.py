@@ -29,27 +29,28 @@ _CHECKPOINT_FILES = (TRAINER_STATE, "deepspeed")  # what every checkpoint of our
 
 
 class MetricsLog:
-    """One JSON line per step in metrics.jsonl, mirrored to TensorBoard."""
+    """One JSON line per step in metrics.jsonl, mirrored to the trackers named in `loggers` (launch/trackers.py)."""
 
-    def __init__(self, run_dir: Path, start_step: int = 0):
-        from torch.utils.tensorboard import SummaryWriter
+    def __init__(self, run_dir: Path, start_step: int = 0, loggers: list[str] = ("tensorboard",),
+                 group: str | None = None, config: dict | None = None):
+        from selfdistill.launch.trackers import open_trackers
 
         self.path = run_dir / "metrics.jsonl"
         if start_step and self.path.exists():  # resuming: drop lines past the checkpoint we resume from
             kept = [line for line in self.path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
             self.path.write_text("".join(line + "\n" for line in kept))
-        self.tb = SummaryWriter(str(run_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.trackers = open_trackers(list(loggers), run_dir, start_step, group, config or {})
 
     def write(self, step: int, metrics: dict[str, float]) -> None:
         with self.path.open("a") as f:
             f.write(json.dumps({"step": step, **metrics}) + "\n")
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(k, v, step)
-        self.tb.flush()
+        scalars = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.log(step, scalars)
 
     def close(self) -> None:
-        self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -91,7 +92,8 @@ def save_checkpoint(run_dir: Path, step: int, keep: int, write_model: Callable[[
         shutil.rmtree(stale, ignore_errors=True)
     partial.mkdir(parents=True)
     write_model(partial)
-    write_trainer_state(partial, state)
+    files = {str(f.relative_to(partial)): f.stat().st_size for f in sorted(partial.rglob("*")) if f.is_file()}
+    write_trainer_state(partial, {**state, "files": files})
     _fsync_tree(partial)
     if final.exists():  # a rerun of a step after resuming from an earlier checkpoint
         shutil.rmtree(final)
@@ -117,6 +119,12 @@ def check_checkpoint(path: Path) -> Path:
     missing = [key for key in ("step", "data", "random") if key not in state]
     if missing:
         raise ValueError(f"checkpoint {path / TRAINER_STATE}: not a selfdistill trainer state (no {', '.join(missing)})")
+    for name, size in state.get("files", {}).items():  # sizes as written: a copy cut short shows here
+        file = path / name
+        if not file.is_file():
+            raise ValueError(f"checkpoint {path}: {name} is missing (written with {size} bytes)")
+        if file.stat().st_size != size:
+            raise ValueError(f"checkpoint {file}: truncated or changed ({file.stat().st_size} bytes, {size} written)")
     return path
 
 

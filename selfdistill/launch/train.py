@@ -51,7 +51,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
         run_dir.rename(kept)
         console.note(f"{run_dir} held an earlier run: moved to {kept} (use --resume {run_dir} to continue a run)")
     save_config(cfg, run_dir / "config.yaml")
-    log = MetricsLog(run_dir, start)
+    log = MetricsLog(run_dir, start, cfg.run.loggers, cfg.run.group, cfg.model_dump(mode="json"))
 
     from transformers import AutoTokenizer
 
