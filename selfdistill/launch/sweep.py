@@ -73,8 +73,9 @@ class SweepConfig(Strict):
 class Point:
     """One run of a sweep: its swept values, run name and resolved config."""
 
-    def __init__(self, name: str, values: dict[str, Any], axes: list[str], cfg: TrainConfig):
+    def __init__(self, name: str, values: dict[str, Any], axes: list[str], cfg: TrainConfig, overrides: list[str]):
         self.name, self.values, self.cfg = name, values, cfg
+        self.overrides = overrides  # what makes this point from the base config (a submitted job gets these)
         self.axes = axes  # the first field of each axis: what names the point, the table and the plots
 
     @property
@@ -110,12 +111,13 @@ def load_sweep(path: str | Path) -> tuple[SweepConfig, list[Point]]:
             raise ConfigError(f"{path}: points {seen[name]} and {values} get the same run name {name!r}")
         seen[name] = values
         fixed = {"run.name": name, "run.output_dir": str(output_dir), "run.group": sweep.name, "run.resume": "auto"}
+        overrides = _overrides({**sweep.set, **values, **fixed})
         try:
-            cfg = load_config(base, _overrides({**sweep.set, **values, **fixed}))
+            cfg = load_config(base, overrides)
         except ConfigError as e:
             shown = ", ".join(f"{k}={v!r}" for k, v in values.items())
             raise ConfigError(f"{path}: point {name} ({shown}) is refused: {e}") from None
-        points.append(Point(name, values, leads, cfg))
+        points.append(Point(name, values, leads, cfg, overrides))
     return sweep, points
 
 
@@ -123,6 +125,7 @@ def run_sweep(path: str | Path, submit: str | None = None, dry_run: bool = False
     """Run (or submit, or only list) every point of a sweep; returns the report rows."""
     sweep, points = load_sweep(path)
     sweep_dir = sweep_folder(points)
+    base = _in_working_dir(Path(path).parent / sweep.base) if submit and sweep.base else None
     if dry_run:
         for p in points:
             echo(f"--- {p.name}  ({', '.join(f'{k}={v!r}' for k, v in p.values.items())}) -> {p.run_dir}")
@@ -141,8 +144,9 @@ def run_sweep(path: str | Path, submit: str | None = None, dry_run: bool = False
             continue
         config_file = configs / f"{p.name}.yaml"
         save_config(p.cfg, config_file)
-        if submit:
-            cmd = [sys.executable, "-m", "selfdistill.launch.cli", "submit", str(config_file), "--address", submit]
+        if submit:  # the job gets the base config (uploaded with the working dir) and this point's overrides
+            cmd = [sys.executable, "-m", "selfdistill.launch.cli", "submit", *([base] if base else []), *p.overrides,
+                   "--address", submit, "--no-wait"]
             r = subprocess.run(cmd, capture_output=True, text=True)
             status = "submitted" if r.returncode == 0 else f"submit failed (exit {r.returncode})"
             echo(f"[{i}/{len(points)}] {p.name}: {status} {(r.stdout + r.stderr).strip()[-500:]}")
@@ -159,6 +163,15 @@ def run_sweep(path: str | Path, submit: str | None = None, dry_run: bool = False
         echo(f"submitted; once the jobs are done: selfdistill sweep {path} --report")
         return []
     return write_report(sweep, points, echo)
+
+
+def _in_working_dir(path: Path) -> str:
+    """The base config as a path inside the working directory, which `selfdistill submit` uploads."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        raise ConfigError(f"--submit: the base config {path} must lie inside the working directory "
+                          f"{Path.cwd()} (it is uploaded with the job)") from None
 
 
 def sweep_folder(points: list[Point]) -> Path:
