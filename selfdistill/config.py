@@ -132,6 +132,11 @@ class RolloutConfig(Strict):
         False, description="DAPO dynamic sampling: drop prompt groups whose rewards are all equal and sample more."
     )
     max_filter_rounds: int = Field(3, ge=0, description="Extra generation rounds allowed per step by filter_groups.")
+    long_prompts: Literal["skip", "error"] = Field(
+        "skip", description="A prompt that leaves no room for max_new_tokens within the engine's max_model_len (or, "
+        "under a teacher context, the model's max_position_embeddings): skip it and count it, or stop with an error "
+        "naming it. Checked before any actor starts.",
+    )
     max_staleness: int = Field(
         0, ge=0,
         description="Asynchronous pipeline: rollouts for step n+k are generated (and verified and scored) while step "

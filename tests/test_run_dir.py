@@ -69,3 +69,14 @@ def test_a_folder_that_is_not_ours_gives_a_clear_error(tmp_path):
     (path / "trainer_state.json").write_text(json.dumps({"weights": 1}))
     with pytest.raises(ValueError, match="not a selfdistill trainer state"):
         read_trainer_state(path)
+
+
+def test_a_truncated_checkpoint_names_the_file(tmp_path):
+    path = _save(tmp_path, 1)
+    weights = path / "deepspeed" / "state.pt"
+    weights.write_bytes(weights.read_bytes()[:3])
+    with pytest.raises(ValueError, match=r"step-000001/deepspeed/state.pt: truncated or changed \(3 bytes, 9 written\)"):
+        read_trainer_state(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(ValueError, match=r"missing \*.safetensors"):
+        resume_checkpoint(tmp_path, str(path))

@@ -26,7 +26,8 @@ def ray_cluster(address: str | None, num_cpus: int, quiet: bool = True):
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        # address="local": a new cluster of our own, even while other runs on this machine have theirs
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
     try:
         yield ray
     finally:

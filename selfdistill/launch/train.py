@@ -18,6 +18,7 @@ from selfdistill.launch.cluster import ray_cluster
 from selfdistill.launch.collect import Batch, collect_batch
 from selfdistill.launch.console import Console
 from selfdistill.launch.evaluate import held_out_eval
+from selfdistill.launch.inputs import checked_inputs
 from selfdistill.launch.model import prepare_model
 from selfdistill.launch.pipeline import RolloutPipeline
 from selfdistill.launch.policy import policy_paths
@@ -41,6 +42,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     initial_model = state.get("initial_model") or prepare_model(cfg, console)
     policy, teacher = policy_paths(cfg, initial_model, resume_from)  # with LoRA: adapter folders (launch/policy.py)
     contexts = build_objective(cfg.objective).contexts
+    train_problems, eval_problems = checked_inputs(cfg, policy, initial_model, contexts, train_problems, eval_problems,
+                                                   console)  # before any actor starts (launch/inputs.py)
     sampler = PromptSampler(train_problems, cfg.run.seed, **state.get("data", {}))
     exposure = ExposureController(cfg.teacher.exposure, cfg.run.steps)
     if "exposure" in state:

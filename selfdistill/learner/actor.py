@@ -20,6 +20,7 @@ from selfdistill.config import TrainConfig
 from selfdistill.learner.batching import MicroBatch, collate, micro_batch_plan
 from selfdistill.learner.objectives import build_objective
 from selfdistill.learner.objectives.base import ObjectiveInputs
+from selfdistill.learner.safe_load import load_weights_only
 from selfdistill.learner.sync import build_transport
 from selfdistill.models import lora
 from selfdistill.records import TeacherScores, Trajectory
@@ -72,6 +73,7 @@ class LearnerActor:
         self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler, config=self.ds_config
         )
+        load_weights_only(self.engine)  # checkpoints are read without unpickling (learner/safe_load.py)
         self.step = 0
         if resume_from:
             _, client = self.engine.load_checkpoint(str(Path(resume_from) / "deepspeed"), tag=DEEPSPEED_TAG,
