@@ -22,6 +22,7 @@ from selfdistill.data.champ import ChampConfig
 from selfdistill.data.files import FileSourceConfig
 from selfdistill.data.reasoning_gym import ReasoningGymConfig
 from selfdistill.data.templates import PromptTemplates
+from selfdistill.launch.placement import PlacementConfig
 from selfdistill.learner.objectives import ObjectiveConfig
 from selfdistill.models.lora import LoraConfig
 from selfdistill.models.warmstart import TinyModelConfig, WarmStartConfig
@@ -38,6 +39,8 @@ class ConfigError(ValueError):
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
+
+AttnImplementation = Literal["auto", "eager", "sdpa", "flash_attention_2"]
 
 DataSource = Annotated[
     Union[ArithmeticTaskConfig, FileSourceConfig, ReasoningGymConfig, ChampConfig], Field(discriminator="name")
@@ -95,6 +98,10 @@ class RunConfig(Strict):
     eval_k: int = Field(1, ge=1, description="Samples per held-out problem (Avg@k, pass@k, maj@k).")
     eval_temperature: float = Field(0.0, ge=0.0, description="Sampling temperature of held-out evaluation (0: greedy).")
     progress: bool = Field(True, description="Live progress bar and summary table on the console.")
+    log_every: int = Field(
+        10, ge=1, description="Where output is not a terminal (job logs) or progress is off: one plain progress line "
+        "every N steps (step, reward, loss, s/step, ETA)."
+    )
     resume: str | None = Field(
         None,
         description="Continue from a checkpoint: `auto` takes the last complete checkpoint of this run's folder if "
@@ -162,6 +169,12 @@ class TeacherConfig(Strict):
         description="How much of the reference the 'partial' context shows (alpha): fixed, scheduled or learned.",
     )
     num_cpus: float = Field(1.0, gt=0, description="Ray CPUs reserved for the teacher actor.")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="Precision the teacher scores in (on the device of its placement bundle)."
+    )
+    attn_implementation: AttnImplementation = Field(
+        "auto", description="Teacher attention kernel; auto: flash_attention_2 where flash-attn runs on a GPU, else sdpa."
+    )
 
 
 class LearnerConfig(Strict):
@@ -201,6 +214,11 @@ class LearnerConfig(Strict):
     )
     dtype: Literal["float32", "bfloat16"] = Field("float32", description="Training precision.")
     num_cpus_per_rank: float = Field(1.0, gt=0, description="Ray CPUs reserved per learner rank.")
+    attn_implementation: AttnImplementation = Field(
+        "auto",
+        description="Learner attention kernel; auto: flash_attention_2 where flash-attn runs on a GPU (packed rows "
+        "then use its variable-length path), else sdpa.",
+    )
     lora: LoraConfig | None = Field(
         None, description="Train a LoRA adapter (PEFT) instead of every weight; None: full fine-tuning."
     )
@@ -237,6 +255,11 @@ class ClusterConfig(Strict):
         None, description="Ray address to join (as `ray job submit` gives); None starts a local cluster on loopback."
     )
     num_cpus: int | None = Field(None, ge=1, description="CPUs of the local cluster (default: what the actors need).")
+    node_ip_address: str = Field(
+        "127.0.0.1",
+        description="Address a local cluster (and the learner's gloo/NCCL rendezvous) binds to: loopback unless set; "
+        "every Ray process of the local cluster listens only there.",
+    )
 
 
 class TrainConfig(Strict):
@@ -254,6 +277,9 @@ class TrainConfig(Strict):
     objective: ObjectiveConfig = Field(description="Training objective (default: opsd, filled in before validation).")
     sync: SyncConfig = Field(default_factory=SyncConfig)
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
+    placement: PlacementConfig = Field(
+        default_factory=PlacementConfig, description="GPUs, custom resources and node labels per role (launch/placement.py)."
+    )
     faults: FaultConfig = Field(
         default_factory=FaultConfig, description="Which actor failures the run survives, and its timeouts."
     )

@@ -1,6 +1,8 @@
 """`selfdistill train [CONFIG] [section.field=value ...] [--resume runs/NAME | --resume auto]`,
 `selfdistill eval CHECKPOINT_OR_CONFIG [field=value ...] [--k K] [--out DIR]`,
 `selfdistill plot RUN_DIR_OR_EVAL [...] [--out FILE]`,
+`selfdistill train CONFIG --dry-run [--cluster-spec nodes=2,gpus_per_node=8]`,
+`selfdistill submit CONFIG [overrides] --address ADDR [--no-wait]`,
 `selfdistill sweep SWEEP.yaml [--submit ADDR] [--dry-run] [--report]`,
 `selfdistill export RUN_OR_CHECKPOINT --merged OUT`."""
 
@@ -20,6 +22,17 @@ def main(argv: list[str] | None = None) -> int:
     tr.add_argument("--resume", metavar="RUN_DIR|auto",
                     help="continue runs/NAME from its last checkpoint; `auto`: the config's own run folder, "
                     "if it has a complete checkpoint (else start fresh)")
+    tr.add_argument("--dry-run", action="store_true",
+                    help="print the resolved config and the placement plan (actor -> node, bundle, memory); start nothing")
+    tr.add_argument("--cluster-spec", metavar="nodes=N,gpus_per_node=G",
+                    help="plan against this cluster instead of the live one (with --dry-run); also cpus_per_node, "
+                    "gpu_memory_gib")
+    sb = sub.add_parser("submit", help="run `train` as a Ray job on a cluster (see launch/submit.py)")
+    sb.add_argument("config", nargs="?", help="YAML config file inside the working dir; omitted: the CPU default")
+    sb.add_argument("overrides", nargs="*", help="dotted overrides, e.g. run.output_dir=/shared/runs")
+    sb.add_argument("--address", required=True, help="Ray dashboard address, e.g. http://HEAD:8265")
+    sb.add_argument("--no-wait", action="store_true", help="return after submitting (print the job id only)")
+    sb.add_argument("--python", help="Python on the cluster nodes that has selfdistill installed (default: this one)")
     ev = sub.add_parser("eval", help="Avg@k, pass@k, maj@k and reasoning health of a checkpoint (see eval/run.py)")
     ev.add_argument("target", help="Hugging Face model folder (e.g. runs/NAME/checkpoints/step-N) or EvalConfig YAML")
     ev.add_argument("overrides", nargs="*", help="dotted overrides, e.g. sampling.temperature=0.6 engine.name=hf")
@@ -54,6 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     if config and "=" in config and not Path(config).exists():  # only overrides were given
         config, overrides = None, [config, *overrides]
     try:
+        if args.command == "submit":
+            from selfdistill.launch.submit import submit
+
+            _, status = submit(config, overrides, args.address, wait=not args.no_wait, python=args.python)
+            return 0 if status in ("SUCCEEDED", "SUBMITTED") else 1
         if args.command == "train":
             from selfdistill.launch.run_dir import latest_checkpoint
 
@@ -68,6 +86,11 @@ def main(argv: list[str] | None = None) -> int:
                 if resume_from is None:
                     raise ConfigError(f"--resume: {run_dir} has no complete checkpoint under checkpoints/")
                 config = config or str(run_dir / "config.yaml")
+            if args.dry_run:
+                from selfdistill.launch.placement import dry_run
+
+                print(dry_run(load_config(config, overrides), args.cluster_spec))
+                return 0
             cfg = load_config(config, overrides)
             from selfdistill.launch.faults import RoleFailed
             from selfdistill.launch.train import train

@@ -1,34 +1,58 @@
-"""Ray bring-up: join a cluster (`ray job submit`) or start a local one bound to loopback."""
+"""Ray bring-up: join a cluster (`ray job submit`, `cluster.address`) or start a local one bound to loopback.
+
+A local cluster listens only on `cluster.node_ip_address` (127.0.0.1 unless the config names another
+address): Ray's gcs_server, raylet, dashboard agent, runtime-env agent, every worker and the driver, and
+the learner's gloo rendezvous. Ray keeps 127.0.0.1 only while RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 is
+set when `ray.init` resolves the node address (otherwise it replaces 127.0.0.1 with the machine's
+external address and its processes listen on every interface); the variable is read once, when
+`ray` is imported, so `_keep_on_loopback` also sets Ray's copy of it. A driver that joins a cluster
+changes none of this: the cluster's own settings hold there.
+"""
 
 from __future__ import annotations
 
 import os
 from contextlib import contextmanager
 
-# Ray rewrites 127.0.0.1 to the machine's external address unless told not to; gloo likewise.
-LOOPBACK_ENV = {
-    "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
-    "GLOO_SOCKET_IFNAME": "lo",
-    "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
-    "TOKENIZERS_PARALLELISM": "false",
-    "RAY_DEDUP_LOGS": "0",
-}
+# Every actor of every run: in-process vLLM engine, quiet tokenizers, one log line per actor line.
+ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
+# A local cluster on loopback: Ray keeps 127.0.0.1, gloo and vLLM use the loopback interface.
+LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo", "VLLM_HOST_IP": "127.0.0.1"}
+
+
+def is_loopback(address: str) -> bool:
+    return address == "localhost" or address.startswith("127.") or address == "::1"
 
 
 @contextmanager
-def ray_cluster(address: str | None, num_cpus: int, quiet: bool = True):
-    """Connect to `address`, or start a local single-node cluster on 127.0.0.1; shut down after."""
-    for k, v in LOOPBACK_ENV.items():
+def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.0.0.1", quiet: bool = True):
+    """Connect to `address` (`auto`: the cluster this job was submitted to; never starts another), or start
+    a local single-node cluster listening only on `node_ip_address`; shut down after."""
+    env = dict(ACTOR_ENV)
+    if address is None and is_loopback(node_ip_address):
+        env.update(LOOPBACK_ENV)
+    for k, v in env.items():
         os.environ.setdefault(k, v)
     import ray
 
-    kwargs = dict(runtime_env={"env_vars": dict(LOOPBACK_ENV)}, log_to_driver=not quiet)
+    kwargs = dict(runtime_env={"env_vars": {k: os.environ[k] for k in env}}, log_to_driver=not quiet)
     if address:
         ray.init(address=address, **kwargs)
     else:
+        if is_loopback(node_ip_address):
+            _keep_on_loopback()
         # address="local": a new cluster of our own, even while other runs on this machine have theirs
-        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1", **kwargs)
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=node_ip_address,
+                 **kwargs)
     try:
         yield ray
     finally:
         ray.shutdown()
+
+
+def _keep_on_loopback() -> None:
+    # Ray read RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER when it was imported, which may have been before the
+    # variable was set here; its node-address resolution reads this module attribute at call time.
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False

@@ -1,8 +1,13 @@
-"""What a person sees: status lines, a live progress bar with the step's key numbers, a summary."""
+"""What a person sees: status lines, a live progress bar with the step's key numbers, a summary.
+
+Where output is not a terminal (`ray job logs`, a file) or `run.progress` is off, the bar becomes one
+plain line every `every` steps (and at the first and last): step, reward, loss, seconds per step, ETA.
+"""
 
 from __future__ import annotations
 
 import json
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -14,9 +19,10 @@ SHOWN = {"train/loss": "loss", "reward/mean": "reward", "train/entropy": "entrop
 
 
 class Console:
-    def __init__(self, live: bool = True):
-        self.live = live
+    def __init__(self, live: bool = True, every: int = 1):
         self.rich = RichConsole(stderr=False)
+        self.live = live and self.rich.is_terminal
+        self.every = every
 
     def status(self, message: str) -> None:
         self.rich.print(f"[bold cyan]>[/] {message}")
@@ -31,13 +37,15 @@ class Console:
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.rich, disable=not self.live,
         )
         task = bar.add_task("train", total=total, completed=start, info="")
+        began = time.monotonic()
 
         class _Handle:
             def advance(_, step: int, metrics: dict) -> None:
                 info = "  ".join(f"{short} {metrics[k]:.3f}" for k, short in SHOWN.items() if k in metrics)
                 bar.update(task, completed=step, info=info)
-                if not self.live:
-                    self.rich.print(f"step {step}/{total}  {info}")
+                if not self.live and (step % self.every == 0 or step in (start + 1, total)):
+                    self.rich.print(plain_line(step, total, info, (time.monotonic() - began) / (step - start)),
+                                    soft_wrap=True)
 
         with bar:
             yield _Handle()
@@ -62,3 +70,9 @@ class Console:
         table.add_row("last checkpoint", summary["checkpoint"])
         table.add_row("plots", summary["plot"])
         self.rich.print(table)
+
+
+def plain_line(step: int, total: int, info: str, seconds_per_step: float) -> str:
+    """`step 20/200  reward 0.41  loss 0.12 ...  ETA 0:05:12` (ETA from the mean wall time per step so far)."""
+    eta = int(round(seconds_per_step * (total - step)))
+    return f"step {step}/{total}  {info}  ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"

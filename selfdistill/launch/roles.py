@@ -11,6 +11,7 @@ import time
 import ray
 
 from selfdistill.config import TrainConfig
+from selfdistill.launch.placement import ClusterSpec, RolePlacements, actor_nodes, plan_placement
 from selfdistill.launch.processes import stop_actors
 from selfdistill.learner.group import LearnerGroup
 from selfdistill.records import Problem, TeacherScores, Trajectory
@@ -27,18 +28,23 @@ class Roles:
         self.cfg, self.tokenizer, self.contexts = cfg, tokenizer, contexts
         self.engines, self.teacher, self.learner, self.verifier = [], None, None, None
         self.pids: dict = {"rollout": [], "teacher": None, "learner": []}
+        self.placements, self.placement = None, {}
         try:
-            rollout_cls = ray.remote(RolloutActor).options(num_cpus=cfg.rollout.num_cpus_per_engine)
-            self.engines = [rollout_cls.remote(policy_path, cfg.rollout.engine, cfg.sync, version)
-                            for _ in range(cfg.rollout.num_engines)]
+            self.plan = plan_placement(cfg, ClusterSpec.live(), contexts)  # ConfigError before any actor starts
+            self.placements = RolePlacements(cfg, self.plan)
+            self.engines = [ray.remote(RolloutActor).options(**self.placements.options("rollout", i)).remote(
+                policy_path, cfg.rollout.engine, cfg.sync, version) for i in range(cfg.rollout.num_engines)]
             if contexts:
-                teacher_cls = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus)
+                teacher_cls = ray.remote(TeacherActor).options(**self.placements.options("teacher", 0))
                 self.teacher = teacher_cls.remote(teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature,
                                                   cfg.sync, cfg.chat)
-            self.learner = LearnerGroup(cfg, policy_path, resume_from)  # starts while the engines load
+            self.learner = LearnerGroup(cfg, policy_path, resume_from, self.placements)  # starts while engines load
             self.pids["learner"] = self.learner.pids
             self.pids["rollout"] = ray.get([e.ready.remote() for e in self.engines])
             self.pids["teacher"] = ray.get(self.teacher.ready.remote()) if self.teacher else None
+            self.placement = actor_nodes({**{f"rollout/{i}": e for i, e in enumerate(self.engines)},
+                                          **({"teacher": self.teacher} if self.teacher else {}),
+                                          **{f"learner/{r}": a for r, a in enumerate(self.learner.actors)}})
             self.verifier = build_reward(cfg.reward)
         except BaseException:
             self.close()
@@ -125,6 +131,8 @@ class Roles:
                   *(self.learner.actors if self.learner is not None else [])]
         pids = [*self.pids["rollout"], self.pids["teacher"], *self.pids["learner"]]
         left = stop_actors(actors, pids, timeout_s)
+        if self.placements is not None:
+            self.placements.remove()
         if left:
             print(f"selfdistill: actor processes {left} still running {timeout_s:.0f} s after they were stopped")
 

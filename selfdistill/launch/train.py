@@ -20,6 +20,7 @@ from selfdistill.launch.console import Console
 from selfdistill.launch.evaluate import held_out_eval
 from selfdistill.launch.inputs import checked_inputs
 from selfdistill.launch.model import prepare_model
+from selfdistill.launch.placement import cpus_needed
 from selfdistill.launch.pipeline import RolloutPipeline
 from selfdistill.launch.policy import policy_paths
 from selfdistill.launch.run_dir import (MetricsLog, checkpoint_dir, read_trainer_state, resume_checkpoint,
@@ -32,7 +33,7 @@ from selfdistill.teacher.exposure import ExposureController
 
 def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     """Run `cfg` (or continue it from checkpoint `resume_from`); returns the final summary."""
-    console = Console(cfg.run.progress)
+    console = Console(cfg.run.progress, cfg.run.log_every)
     resume_from = resume_from or resume_checkpoint(cfg.run_dir, cfg.run.resume)
     if resume_from:
         console.note(f"resuming from {resume_from}")
@@ -62,10 +63,11 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
     from selfdistill.launch.roles import Roles
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
-    num_cpus = cfg.cluster.num_cpus or _cpus_needed(cfg, contexts)
-    with ray_cluster(cfg.cluster.address, num_cpus):
+    num_cpus = cfg.cluster.num_cpus or cpus_needed(cfg, contexts)
+    with ray_cluster(cfg.cluster.address, num_cpus, cfg.cluster.node_ip_address):
         console.status("starting Ray actors (vLLM engines, teacher, DeepSpeed ranks)")
         with Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start) as roles:
+            (run_dir / "placement.json").write_text(json.dumps(roles.placement, indent=2))  # actor -> node id
             faults = Faults(cfg.faults, console, policy, teacher, start)  # replaces actors that die (launch/faults.py)
             before = state.get("eval_before") or held_out_eval(roles, eval_problems, cfg)
             accuracy_key = f"eval/avg@{cfg.run.eval_k}"
@@ -112,13 +114,13 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                                         {"step": step, "data": batch.data_state, "initial_model": initial_model,
                                          "eval_before": before, "exposure": exposure_state})
             after = faults.retrying(roles, held_out_eval, roles, eval_problems, cfg)
-            pids = roles.pids
+            pids, placement = roles.pids, roles.placement
     log.close()
     plot_run(run_dir)
     summary = {"run_dir": str(run_dir), "steps": cfg.run.steps, "accuracy_key": accuracy_key,
                "accuracy_before": before.get(accuracy_key, float("nan")),
                "accuracy_after": after.get(accuracy_key, float("nan")), "eval_before": before, "eval_after": after,
-               "eval_problems": len(eval_problems), "pids": pids, "checkpoint": str(checkpoint_dir(run_dir, cfg.run.steps)),
+               "eval_problems": len(eval_problems), "pids": pids, "placement": placement, "checkpoint": str(checkpoint_dir(run_dir, cfg.run.steps)),
                "plot": str(run_dir / "plots.png")}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     console.summary(summary, log.path)
@@ -138,10 +140,3 @@ class _timed:
 
     def __exit__(self, *exc):
         self.sink[self.name] = time.perf_counter() - self.start
-
-
-def _cpus_needed(cfg: TrainConfig, contexts) -> int:
-    """Logical CPUs for a local cluster: what the actors reserve (they may exceed physical cores)."""
-    need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
-    need += cfg.teacher.num_cpus if contexts else 0
-    return max(1, int(need + 0.999))

@@ -20,6 +20,7 @@ from selfdistill.config import TrainConfig
 from selfdistill.learner.batching import MicroBatch, collate, micro_batch_plan
 from selfdistill.learner.objectives import build_objective
 from selfdistill.learner.objectives.base import ObjectiveInputs
+from selfdistill.models.attention import attention_kernel, placement_device
 from selfdistill.learner.safe_load import load_weights_only
 from selfdistill.learner.sync import build_transport
 from selfdistill.models import lora
@@ -32,12 +33,21 @@ class LearnerActor:
     """Ray actor (created by `LearnerGroup`); see module docstring."""
 
     def __init__(self, cfg: TrainConfig, model_path: str, rank: int, world_size: int, master_port: int,
-                 resume_from: str | None = None):
+                 resume_from: str | None = None, master_addr: str = "127.0.0.1"):
         os.environ.update(
-            MASTER_ADDR="127.0.0.1", MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
+            MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(rank) if not torch.cuda.is_available() else "0",
         )
-        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        init_method = None
+        if master_addr.startswith("127."):  # the rendezvous and gloo's own sockets stay on loopback
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+            # torch's TCPStore listens on every interface whatever MASTER_ADDR says; a file store listens on none.
+            import tempfile
+
+            import ray
+
+            job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else str(os.getpid())
+            init_method = f"file://{tempfile.gettempdir()}/selfdistill-rendezvous-{job}-{master_port}"
         torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_rank)))
         torch.manual_seed(cfg.run.seed)
         import deepspeed
@@ -45,7 +55,8 @@ class LearnerActor:
         # The shared-memory comm op compiles for ~90 s at every init on CPU; gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=init_method,
+                                   rank=rank, world_size=world_size)
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.temperature = cfg.train_temperature
@@ -89,11 +100,12 @@ class LearnerActor:
 
             self._hf_ds_config = HfDeepSpeedConfig(self.ds_config)  # must stay alive: partitions at load
         lc = self.cfg.learner.lora
+        attn = attention_kernel(self.cfg.learner.attn_implementation, placement_device())
         if lc is None or lora.is_adapter(path):
-            return lora.load_policy(path, dtype, trainable=True)
+            return lora.load_policy(path, dtype, trainable=True, attn_implementation=attn)
         from peft import get_peft_model
 
-        return get_peft_model(lora.load_policy(path, dtype), lora.peft_config(lc, path))
+        return get_peft_model(lora.load_policy(path, dtype, attn_implementation=attn), lora.peft_config(lc, path))
 
     def ready(self) -> int:
         return os.getpid()

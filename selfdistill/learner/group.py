@@ -19,12 +19,16 @@ def _free_port() -> int:
 
 
 class LearnerGroup:
-    def __init__(self, cfg: TrainConfig, model_path: str, resume_from: str | None = None):
+    def __init__(self, cfg: TrainConfig, model_path: str, resume_from: str | None = None, placements=None):
+        """`placements` (launch/placement.py) puts each rank into its bundle; None: anywhere with the CPUs."""
         self.cfg = cfg
         n = cfg.learner.num_ranks
         port = _free_port()
-        actor_cls = ray.remote(LearnerActor).options(num_cpus=cfg.learner.num_cpus_per_rank)
-        self.actors = [actor_cls.remote(cfg, model_path, rank, n, port, resume_from) for rank in range(n)]
+        master = placements.node_address("learner", 0) if placements else cfg.cluster.node_ip_address
+        options = [placements.options("learner", r) if placements else {"num_cpus": cfg.learner.num_cpus_per_rank}
+                   for r in range(n)]
+        self.actors = [ray.remote(LearnerActor).options(**options[rank]).remote(
+            cfg, model_path, rank, n, port, resume_from, master) for rank in range(n)]
         self.pids = ray.get([a.ready.remote() for a in self.actors])
 
     def train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:

@@ -116,15 +116,16 @@ def write_initial_adapter(cfg: LoraConfig, base_path: str, out: Path, seed: int)
     return out
 
 
-def load_policy(path: str, dtype: torch.dtype, trainable: bool = False):
+def load_policy(path: str, dtype: torch.dtype, trainable: bool = False, attn_implementation: str | None = None):
     """A transformers model for a full model folder, or base + adapter (a `PeftModel`) for an adapter folder."""
     from transformers import AutoModelForCausalLM
 
     if not is_adapter(path):
-        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn_implementation)
     from peft import PeftModel
 
-    base = AutoModelForCausalLM.from_pretrained(base_model_path(path), dtype=dtype)
+    base = AutoModelForCausalLM.from_pretrained(base_model_path(path), dtype=dtype,
+                                                attn_implementation=attn_implementation)
     return PeftModel.from_pretrained(base, path, is_trainable=trainable)
 
 

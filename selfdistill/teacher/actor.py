@@ -18,6 +18,7 @@ from selfdistill.learner.sync import build_transport
 from selfdistill.models import lora
 from selfdistill.records import Problem, TeacherScores
 from selfdistill.teacher.contexts import ChatConfig, prompt_ids
+from selfdistill.models.attention import attention_kernel, placement_device
 from selfdistill.teacher.scorer import score_responses
 
 
@@ -30,7 +31,9 @@ class TeacherActor:
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
         self.cfg, self.templates, self.temperature, self.chat = cfg, templates, temperature, chat
-        self.model = lora.load_policy(model_path, torch.float32).eval()
+        device = placement_device()  # the GPU of the teacher's bundle, if it has one
+        attn = attention_kernel(cfg.attn_implementation, device)
+        self.model = lora.load_policy(model_path, getattr(torch, cfg.dtype), attn_implementation=attn).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.transport = build_transport(sync)
         self.version = 0

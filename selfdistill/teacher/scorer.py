@@ -82,10 +82,11 @@ def _run_prefixes(model, prompts: list[tuple[int, ...]], pad_id: int) -> _Prefix
     for row, prompt in enumerate(prompts):
         ids[row, width - len(prompt) :] = torch.tensor(prompt)
         attention_mask[row, width - len(prompt) :] = 1
+    ids, attention_mask = ids.to(model.device), attention_mask.to(model.device)  # the teacher's bundle: GPU or CPU
     position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)
     output = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=True,
                    logits_to_keep=1)
-    return _Prefixes(output.past_key_values, attention_mask, attention_mask.sum(-1), output.logits[:, -1].float())
+    return _Prefixes(output.past_key_values, attention_mask, attention_mask.sum(-1), output.logits[:, -1].float().cpu())
 
 
 def _run_responses(
@@ -103,12 +104,13 @@ def _run_responses(
     for i, tokens in enumerate(inputs):
         ids[i, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
         response_mask[i, : len(tokens)] = 1
-    row_index = torch.tensor(rows)
+    device = model.device
+    ids, response_mask, row_index = ids.to(device), response_mask.to(device), torch.tensor(rows, device=device)
     attention_mask = torch.cat([prefixes.attention_mask[row_index], response_mask], dim=1)
-    position_ids = prefixes.lengths[row_index, None] + torch.arange(width)
+    position_ids = prefixes.lengths[row_index, None] + torch.arange(width, device=device)
     output = model(input_ids=ids, attention_mask=attention_mask, position_ids=position_ids,
                    past_key_values=_expand_cache(prefixes.cache, row_index), use_cache=True)
-    logits = output.logits.float()
+    logits = output.logits.float().cpu()
     return [torch.cat([first, logits[i, : len(tokens)]]) for i, (first, tokens) in enumerate(zip(first_logits, inputs))]
 
 

@@ -1,0 +1,378 @@
+"""Where each role runs: its resources from the config, a plan against a cluster, Ray placement groups.
+
+Each role (rollout engines, teacher, learner ranks) asks for GPUs, CPUs and optionally custom
+resources or node labels per actor. `plan_placement` lays the actors onto a `ClusterSpec` the way
+Ray's PACK placement groups do (first node with room, ranks of one role kept together) and refuses
+an impossible placement with a `ConfigError` naming the field, before any actor starts; a dry-run
+prints that plan. `RolePlacements` then makes one placement group per role, orders each group's
+bundles by node, and gives every actor the scheduling strategy of its bundle. Colocated mode
+(engines on the learner's GPUs) is planned and checked, but not run yet.
+
+The CPU default asks for no GPU, so it plans (and runs) exactly as a local cluster always did.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from selfdistill.launch import sizing
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RolePlacement(_Strict):
+    gpus: int = Field(0, ge=0, description="GPUs per actor (per learner rank, for the teacher; 0: CPU only).")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Custom Ray resources each actor's bundle asks for (e.g. {node_b: 0.01} to pin the role to the "
+        "nodes started with `--resources '{\"node_b\": 1}'`).",
+    )
+    labels: dict[str, str] = Field(
+        default_factory=dict,
+        description="Node labels the role's nodes must carry (Ray node labels, `ray start --labels`), e.g. "
+        "{accelerator: H100}.",
+    )
+
+
+class EnginePlacement(RolePlacement):
+    gpus: int = Field(
+        0, ge=0, description="GPUs per rollout engine: its tensor-parallel size (all on one node); 0: CPU engine."
+    )
+
+
+class PlacementConfig(_Strict):
+    mode: Literal["separate", "colocated"] = Field(
+        "separate",
+        description="separate: every role gets its own GPUs; colocated: rollout engines and learner ranks share "
+        "the same GPUs (engines sleep while the learner trains), so num_engines x engine GPUs must equal num_ranks "
+        "x learner GPUs.",
+    )
+    rollout: EnginePlacement = Field(default_factory=EnginePlacement, description="Each rollout engine's resources.")
+    teacher: RolePlacement = Field(default_factory=RolePlacement, description="The teacher actor's resources.")
+    learner: RolePlacement = Field(default_factory=RolePlacement, description="Each learner rank's resources.")
+    timeout_s: float = Field(
+        300.0, gt=0, description="How long to wait for the cluster to grant the placement groups before giving up."
+    )
+
+
+# --------------------------------------------------------------------------- the cluster
+
+
+@dataclass
+class NodeSpec:
+    name: str
+    cpus: float
+    gpus: float = 0.0
+    gpu_memory_gib: float | None = None
+    resources: dict[str, float] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class ClusterSpec:
+    nodes: list[NodeSpec]
+    source: str  # where it came from: "--cluster-spec ...", "live cluster ADDR", "this machine"
+
+    @classmethod
+    def parse(cls, text: str) -> ClusterSpec:
+        """`nodes=2,gpus_per_node=8[,cpus_per_node=64][,gpu_memory_gib=80]` (CPUs default to 16 per GPU)."""
+        keys = {"nodes": int, "gpus_per_node": int, "cpus_per_node": float, "gpu_memory_gib": float}
+        values = {}
+        for item in filter(None, (part.strip() for part in text.split(","))):
+            key, sep, value = item.partition("=")
+            if not sep or key not in keys:
+                raise ValueError(f"--cluster-spec: {item!r} is not one of {', '.join(f'{k}=N' for k in keys)}")
+            try:
+                values[key] = keys[key](value)
+            except ValueError:
+                raise ValueError(f"--cluster-spec: {key} must be a number (got {value!r})") from None
+        nodes, gpus = values.get("nodes", 1), values.get("gpus_per_node", 0)
+        if nodes < 1 or gpus < 0:
+            raise ValueError(f"--cluster-spec: nodes must be >= 1 and gpus_per_node >= 0 (got {text!r})")
+        cpus = values.get("cpus_per_node", float(max(16 * gpus, 16)))
+        memory = values.get("gpu_memory_gib", 80.0 if gpus else None)
+        return cls([NodeSpec(f"node{i}", cpus, gpus, memory) for i in range(nodes)], f"--cluster-spec {text}")
+
+    @classmethod
+    def live(cls) -> ClusterSpec:
+        """The nodes of the Ray cluster this process is connected to."""
+        import ray
+
+        nodes = []
+        for n in ray.nodes():
+            if not n.get("Alive"):
+                continue
+            res = dict(n["Resources"])
+            custom = {k: v for k, v in res.items() if k not in ("CPU", "GPU", "memory", "object_store_memory")
+                      and not k.startswith("node:") and not k.startswith("accelerator_type")}
+            nodes.append(NodeSpec(n["NodeID"], res.get("CPU", 0.0), res.get("GPU", 0.0), None, custom,
+                                  dict(n.get("Labels") or {})))
+        return cls(nodes, "live cluster")
+
+
+# --------------------------------------------------------------------------- the plan
+
+
+@dataclass
+class ActorPlan:
+    actor: str  # "rollout/0", "teacher", "learner/3"
+    role: str
+    cpus: float
+    gpus: float
+    resources: dict[str, float]
+    node: int  # index into the cluster spec's nodes
+    memory: sizing.RoleMemory | None
+
+
+@dataclass
+class Plan:
+    mode: str
+    cluster: ClusterSpec
+    actors: list[ActorPlan]
+
+    def role(self, name: str) -> list[ActorPlan]:
+        return [a for a in self.actors if a.role == name]
+
+    def table(self) -> str:
+        """The plan as text: one line per actor, then GPUs and CPUs used per node."""
+        lines = [f"placement ({self.mode} mode) against {self.cluster.source}:",
+                 f"  {'actor':<12} {'node':<10} {'GPUs':>4} {'CPUs':>5}  {'memory GiB (weights + state + act.)':<40}"]
+        for a in self.actors:
+            mem = (f"{a.memory.total_gib:8.2f} ({a.memory.weights_gib:.2f} + {a.memory.other_gib:.2f} + "
+                   f"{a.memory.activations_gib:.2f}; {a.memory.what})" if a.memory else "unknown (model shape unknown)")
+            lines.append(f"  {a.actor:<12} {self.cluster.nodes[a.node].name[:10]:<10} {a.gpus:>4g} {a.cpus:>5g}  {mem}")
+        for i, node in enumerate(self.cluster.nodes):
+            on = [a for a in self.actors if a.node == i]
+            gpus = _gpus_used(on, self.mode)
+            lines.append(f"  node {node.name[:16]}: {gpus:g}/{node.gpus:g} GPUs, {sum(a.cpus for a in on):g}/"
+                         f"{node.cpus:g} CPUs used" + (f", {node.gpu_memory_gib:g} GiB per GPU" if node.gpu_memory_gib else ""))
+        return "\n".join(lines)
+
+
+def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = None) -> Plan:
+    """Lay every actor of `cfg` onto `spec` (raises ConfigError naming the field when it cannot fit)."""
+    from selfdistill.config import ConfigError
+    from selfdistill.learner.objectives import build_objective
+
+    pc = cfg.placement
+    if contexts is None:
+        contexts = build_objective(cfg.objective).contexts
+    shape = sizing.model_shape(cfg)
+    max_node_gpus = max(n.gpus for n in spec.nodes)
+    if pc.rollout.gpus > max_node_gpus:
+        raise ConfigError(f"placement.rollout.gpus: an engine's {pc.rollout.gpus} tensor-parallel GPUs must sit on "
+                          f"one node, and the largest node has {max_node_gpus:g} ({spec.source})")
+    if pc.mode == "colocated":
+        engine_gpus, learner_gpus = cfg.rollout.num_engines * pc.rollout.gpus, cfg.learner.num_ranks * pc.learner.gpus
+        if pc.learner.gpus != 1 or engine_gpus != learner_gpus:
+            raise ConfigError(
+                f"rollout.num_engines: colocated mode needs num_engines x placement.rollout.gpus "
+                f"({cfg.rollout.num_engines} x {pc.rollout.gpus} = {engine_gpus}) equal to learner.num_ranks with "
+                f"placement.learner.gpus 1 ({cfg.learner.num_ranks} x {pc.learner.gpus} = {learner_gpus})")
+    free = [{"CPU": n.cpus, "GPU": n.gpus, **n.resources} for n in spec.nodes]
+    actors: list[ActorPlan] = []
+
+    def place(role: str, name: str, cpus: float, gpus: float, rp: RolePlacement, memory, share: int | None = None):
+        need = {"CPU": cpus, "GPU": gpus, **rp.resources}
+        for key in rp.resources:
+            if not any(key in f for f in free):
+                raise ConfigError(f"placement.{role}.resources.{key}: no node of the cluster has resource {key!r} "
+                                  f"({spec.source})")
+        for i, node in enumerate(spec.nodes):
+            if share is not None and i != share:
+                continue
+            if any(node.labels.get(k) != v for k, v in rp.labels.items()):
+                continue
+            if all(free[i].get(k, 0.0) + 1e-9 >= v for k, v in need.items()):
+                for k, v in need.items():
+                    free[i][k] -= v
+                actors.append(ActorPlan(name, role, cpus, gpus, rp.resources, i, memory))
+                return i
+        placed = ", ".join(f"{a.actor}@{spec.nodes[a.node].name}" for a in actors) or "nothing"
+        field = (f"placement.{role}.gpus" if gpus else f"placement.{role}.resources" if rp.resources
+                 else f"placement.{role}.labels" if rp.labels else CPU_FIELDS[role])
+        raise ConfigError(f"{field}: {name} needs {gpus:g} GPUs, {cpus:g} CPUs"
+                          + (f", {rp.resources}" if rp.resources else "") + (f", labels {rp.labels}" if rp.labels else "")
+                          + f" and no node has that left ({spec.source}; already placed: {placed})")
+
+    mem = (lambda f, *a: f(cfg, shape, *a) if shape else None)
+    learner_mem, engine_mem = mem(sizing.learner_memory), mem(sizing.engine_memory, pc.rollout.gpus)
+    if pc.mode == "colocated":
+        # Engine i shares the node of learner ranks i*TP .. (i+1)*TP-1; the GPUs are the learner's.
+        for r in range(cfg.learner.num_ranks):
+            place("learner", f"learner/{r}", cfg.learner.num_cpus_per_rank, pc.learner.gpus, pc.learner, learner_mem)
+        for e in range(cfg.rollout.num_engines):
+            node = actors[e * pc.rollout.gpus].node
+            place("rollout", f"rollout/{e}", cfg.rollout.num_cpus_per_engine, 0, pc.rollout, engine_mem, share=node)
+            actors[-1].gpus = pc.rollout.gpus
+    else:
+        for e in range(cfg.rollout.num_engines):
+            place("rollout", f"rollout/{e}", cfg.rollout.num_cpus_per_engine, pc.rollout.gpus, pc.rollout, engine_mem)
+        if contexts:
+            place("teacher", "teacher", cfg.teacher.num_cpus, pc.teacher.gpus, pc.teacher, mem(sizing.teacher_memory))
+        for r in range(cfg.learner.num_ranks):
+            place("learner", f"learner/{r}", cfg.learner.num_cpus_per_rank, pc.learner.gpus, pc.learner, learner_mem)
+    if pc.mode == "colocated" and contexts:
+        place("teacher", "teacher", cfg.teacher.num_cpus, pc.teacher.gpus, pc.teacher, mem(sizing.teacher_memory))
+    _check_memory(pc, spec, actors)
+    return Plan(pc.mode, spec, actors)
+
+
+CPU_FIELDS = {"rollout": "rollout.num_cpus_per_engine", "teacher": "teacher.num_cpus", "learner": "learner.num_cpus_per_rank"}
+
+
+def _check_memory(pc: PlacementConfig, spec: ClusterSpec, actors: list[ActorPlan]) -> None:
+    from selfdistill.config import ConfigError
+
+    for role in ("rollout", "teacher", "learner"):
+        on_role = [a for a in actors if a.role == role and a.memory and a.gpus]
+        for a in on_role[:1]:
+            per_gpu = a.memory.total_gib / a.gpus
+            if pc.mode == "colocated" and role in ("rollout", "learner"):
+                partner = next((b for b in actors if b.role != role and b.role != "teacher" and b.memory), None)
+                per_gpu += partner.memory.total_gib / max(partner.gpus, 1) if partner else 0.0
+            limit = spec.nodes[a.node].gpu_memory_gib
+            if limit and per_gpu > limit:
+                raise ConfigError(f"placement.{role}.gpus: {a.actor} needs about {per_gpu:.1f} GiB per GPU "
+                                  f"({a.memory.what}) and the GPUs have {limit:g} GiB ({spec.source}): give the role "
+                                  f"more GPUs or ranks, a higher ZeRO stage, or smaller micro-batches")
+
+
+def _gpus_used(actors: list[ActorPlan], mode: str) -> float:
+    return sum(a.gpus for a in actors if not (mode == "colocated" and a.role == "rollout"))
+
+
+def cpus_needed(cfg, contexts) -> int:
+    """Logical CPUs for a local cluster: what the actors reserve (they may exceed physical cores)."""
+    need = cfg.rollout.num_engines * cfg.rollout.num_cpus_per_engine + cfg.learner.num_ranks * cfg.learner.num_cpus_per_rank
+    need += cfg.teacher.num_cpus if contexts else 0
+    return max(1, int(need + 0.999))
+
+
+def local_spec(num_cpus: int) -> ClusterSpec:
+    """The local cluster a run would start on this machine: `num_cpus` logical CPUs, its GPUs if any."""
+    gpus = 0
+    try:
+        import torch
+
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    except Exception:  # no usable CUDA: a CPU machine
+        gpus = 0
+    return ClusterSpec([NodeSpec("local", float(num_cpus), float(gpus))], "this machine (local cluster)")
+
+
+# --------------------------------------------------------------------------- Ray placement groups
+
+
+def actor_nodes(actors: dict) -> dict[str, str]:
+    """Node id each named actor actually runs on (asked of the actor itself)."""
+    import ray
+
+    refs = {name: actor.__ray_call__.remote(_node_id) for name, actor in actors.items()}
+    return dict(zip(refs, ray.get(list(refs.values()))))
+
+
+def _node_id(_actor) -> str:
+    import ray
+
+    return ray.get_runtime_context().get_node_id()
+
+
+class RolePlacements:
+    """One Ray placement group per role, granted or refused within `placement.timeout_s`; `options(role, i)`
+    gives actor i of a role the scheduling strategy of its bundle (bundles ordered by node)."""
+
+    def __init__(self, cfg, plan: Plan):
+        import ray
+        from ray.util.placement_group import placement_group, placement_group_table
+
+        from selfdistill.config import ConfigError
+
+        if plan.mode == "colocated":
+            raise ConfigError("placement.mode: colocated is planned (--dry-run) but cannot run yet: the engines' "
+                              "sleep/wake cycle around training is not wired; use separate")
+        self.plan, self.groups, self.order = plan, {}, {}
+        for role in ("rollout", "teacher", "learner"):
+            members = plan.role(role)
+            if not members:
+                continue
+            bundles = [{"CPU": a.cpus, **({"GPU": float(a.gpus)} if a.gpus else {}), **a.resources} for a in members]
+            labels = getattr(cfg.placement, role).labels
+            self.groups[role] = placement_group(
+                bundles, strategy="PACK", name=f"selfdistill-{role}",
+                bundle_label_selector=[dict(labels) for _ in bundles] if labels else None)
+        try:
+            ray.get([pg.ready() for pg in self.groups.values()], timeout=cfg.placement.timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            self.remove()
+            raise ConfigError(f"placement.timeout_s: the cluster did not grant placement groups for "
+                              f"{list(self.groups)} within {cfg.placement.timeout_s:g} s (not enough free resources)"
+                              ) from None
+        for role, pg in self.groups.items():
+            nodes = placement_group_table(pg)["bundles_to_node_id"]
+            self.order[role] = sorted(nodes, key=lambda b: (nodes[b], b))  # ranks of one node stay together
+
+    def options(self, role: str, index: int) -> dict:
+        """Ray actor options that put actor `index` of `role` into its bundle."""
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        member = self.plan.role(role)[index]
+        strategy = PlacementGroupSchedulingStrategy(self.groups[role], placement_group_bundle_index=self.order[role][index])
+        return dict(num_cpus=member.cpus, num_gpus=float(member.gpus), scheduling_strategy=strategy)
+
+    def node_address(self, role: str, index: int) -> str:
+        """IP address of the node that holds actor `index` of `role` (the learner's rendezvous host)."""
+        import ray
+        from ray.util.placement_group import placement_group_table
+
+        node_id = placement_group_table(self.groups[role])["bundles_to_node_id"][self.order[role][index]]
+        return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
+
+    def remove(self) -> None:
+        from ray.util.placement_group import remove_placement_group
+
+        for pg in self.groups.values():
+            try:
+                remove_placement_group(pg)
+            except Exception:  # the cluster is gone already
+                pass
+        self.groups = {}
+
+
+# --------------------------------------------------------------------------- dry run
+
+
+def dry_run(cfg, cluster_spec: str | None = None) -> str:
+    """The resolved config and its placement plan against `cluster_spec`, the cluster `cfg.cluster.address`
+    names (joined, nothing started), or this machine; raises ConfigError if the placement is impossible."""
+    import yaml
+
+    from selfdistill.config import ConfigError
+    from selfdistill.learner.objectives import build_objective
+
+    contexts = build_objective(cfg.objective).contexts
+    if cluster_spec:
+        spec = ClusterSpec.parse(cluster_spec)
+    elif cfg.cluster.address:
+        import ray
+
+        try:
+            ray.init(address=cfg.cluster.address, log_to_driver=False)
+        except (ConnectionError, RuntimeError) as e:
+            raise ConfigError(f"cluster.address {cfg.cluster.address!r}: no cluster to plan against ({e}); "
+                              f"pass --cluster-spec nodes=N,gpus_per_node=G instead") from None
+        try:
+            spec = ClusterSpec.live()
+            spec.source = f"live cluster {cfg.cluster.address}"
+        finally:
+            ray.shutdown()
+    else:
+        spec = local_spec(cfg.cluster.num_cpus or cpus_needed(cfg, contexts))
+    plan = plan_placement(cfg, spec, contexts)
+    resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+    return f"# resolved config\n{resolved}\n{plan.table()}\n(dry run: nothing was started)"

@@ -1,0 +1,114 @@
+"""Placement plans, dry-runs and memory estimates (no Ray started)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from selfdistill.config import ConfigError, TrainConfig, load_config
+from selfdistill.launch import sizing
+from selfdistill.launch.placement import ClusterSpec, plan_placement
+
+GPU_CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/gpu/*/*.yaml"))
+
+
+def _spec_of(path: Path) -> str:
+    """The cluster spec a GPU config says it is planned for (its `--cluster-spec` comment)."""
+    found = re.search(r"--cluster-spec (\S+)", path.read_text())
+    assert found, f"{path} names no --cluster-spec"
+    return found.group(1)
+
+
+@pytest.mark.parametrize("path", GPU_CONFIGS, ids=lambda p: f"{p.parent.name}/{p.stem}")
+def test_every_gpu_config_plans_on_its_cluster(path):
+    cfg = load_config(path)
+    spec = ClusterSpec.parse(_spec_of(path))
+    plan = plan_placement(cfg, spec)
+    gpus = sum(a.gpus for a in plan.actors)
+    assert gpus == sum(n.gpus for n in spec.nodes)  # the configs use every GPU they ask for
+    learner_nodes = {a.node for a in plan.role("learner")}
+    assert len(learner_nodes) == 1  # ranks kept together on one node
+    assert all(a.memory is not None and a.memory.total_gib < spec.nodes[a.node].gpu_memory_gib for a in plan.actors)
+    if len(spec.nodes) > 1:  # the 16-GPU runs: engines on one node, learner ranks on the other
+        assert {a.node for a in plan.role("rollout")} != learner_nodes
+
+
+def test_cpu_default_plans_on_this_machine_without_gpus():
+    cfg = TrainConfig()
+    plan = plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=0,cpus_per_node=3"))
+    assert [a.actor for a in plan.actors] == ["rollout/0", "teacher", "learner/0"]
+    assert all(a.gpus == 0 and a.cpus == 1.0 and a.node == 0 for a in plan.actors)
+    assert "rollout/0" in plan.table()
+
+
+@pytest.mark.parametrize("overrides, spec, field", [
+    (["placement.learner.gpus=1", "learner.num_ranks=16", "rollout.prompts_per_step=16"], "nodes=1,gpus_per_node=8",
+     "placement.learner.gpus"),
+    (["placement.rollout.gpus=16"], "nodes=2,gpus_per_node=8", "placement.rollout.gpus"),
+    (["placement.mode=colocated", "placement.rollout.gpus=1", "placement.learner.gpus=1", "rollout.num_engines=3",
+      "learner.num_ranks=4"], "nodes=1,gpus_per_node=8", "rollout.num_engines"),
+    (["placement.rollout.resources={node_x: 1}"], "nodes=1,gpus_per_node=0", "placement.rollout.resources.node_x"),
+    (["placement.learner.gpus=1"], "nodes=1,gpus_per_node=0", "placement.learner.gpus"),
+    (["learner.num_cpus_per_rank=8"], "nodes=1,gpus_per_node=0,cpus_per_node=4", "learner.num_cpus_per_rank"),
+])
+def test_impossible_placements_name_the_field(overrides, spec, field):
+    with pytest.raises(ConfigError, match=re.escape(field) + ":"):
+        plan_placement(load_config(None, overrides), ClusterSpec.parse(spec))
+
+
+def test_a_model_too_large_for_its_gpus_is_refused():
+    path = next(p for p in GPU_CONFIGS if p.parent.name == "qwen3-8b" and p.stem == "opsd")
+    with pytest.raises(ConfigError, match=r"placement\.learner\.gpus: learner/0 needs about .* GiB per GPU"):
+        plan_placement(load_config(path), ClusterSpec.parse("nodes=2,gpus_per_node=8,gpu_memory_gib=24"))
+
+
+def test_colocated_engines_share_the_learner_nodes():
+    cfg = load_config(None, ["placement.mode=colocated", "placement.rollout.gpus=2", "placement.learner.gpus=1",
+                             "rollout.num_engines=4", "learner.num_ranks=8", "rollout.prompts_per_step=16"])
+    plan = plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=8"))
+    learners = plan.role("learner")
+    assert [e.node for e in plan.role("rollout")] == [learners[2 * i].node for i in range(4)]
+    assert "8/8 GPUs" in plan.table()
+
+
+def test_cluster_spec_errors_name_the_key():
+    with pytest.raises(ValueError, match="gpus=8"):
+        ClusterSpec.parse("nodes=2,gpus=8")
+    with pytest.raises(ValueError, match="nodes must be a number"):
+        ClusterSpec.parse("nodes=two")
+
+
+def test_parameter_count_matches_the_built_tiny_model():
+    from transformers import LlamaForCausalLM
+
+    from selfdistill.models.tiny import tiny_llama_config
+
+    config = tiny_llama_config(vocab_size=50, hidden_size=64, num_layers=2, num_heads=4)
+    shape = sizing.ModelShape.from_config(config.to_dict())
+    model = LlamaForCausalLM(config)
+    # Llama has no q/k norms (Qwen3 does: 2 * head_dim per layer), the only difference to the formula.
+    assert shape.parameters - 2 * 2 * shape.head_dim == sum(p.numel() for p in model.parameters())
+
+
+def test_qwen3_8b_memory_by_hand():
+    shape = sizing.ModelShape.from_config(sizing.KNOWN_SHAPES["Qwen/Qwen3-8B"])
+    assert 8.1e9 < shape.parameters < 8.3e9  # published: 8.2B
+    cfg = load_config(None, ["model={kind: pretrained, path: Qwen/Qwen3-8B}", "learner.num_ranks=8",
+                             "learner.zero_stage=3", "learner.dtype=bfloat16", "rollout.prompts_per_step=8"])
+    mem = sizing.learner_memory(cfg, shape)
+    p = shape.parameters
+    assert mem.weights_gib == pytest.approx(p * 2 / 8 / 2**30)
+    assert mem.other_gib == pytest.approx((p * 2 / 8 + p * 12 / 8) / 2**30)  # grads + (2 moments + fp32 master)
+
+
+def test_dry_run_cli_prints_the_plan_and_refuses_by_field(capsys):
+    from selfdistill.launch.cli import main
+
+    path = next(p for p in GPU_CONFIGS if p.parent.name == "qwen3-8b" and p.stem == "grpo")
+    assert main(["train", str(path), "--dry-run", "--cluster-spec", "nodes=2,gpus_per_node=8"]) == 0
+    out = capsys.readouterr().out
+    assert "# resolved config" in out and "learner/7" in out and "node node1: 8/8 GPUs" in out
+    assert main(["train", str(path), "--dry-run", "--cluster-spec", "nodes=1,gpus_per_node=8"]) == 2
+    assert "placement.learner.gpus:" in capsys.readouterr().err
