@@ -1,14 +1,22 @@
-"""Every method from the same warm start for the same number of steps: a table and a plot.
+"""Every core method from one warm start, several seeds, paired before/after on the held-out split.
 
-    .venv/bin/python benchmarks/methods.py --steps 30 --out benchmarks/results/methods
+    nohup .venv/bin/python benchmarks/methods.py > methods.log 2>&1 &        # the target setting
+    .venv/bin/python benchmarks/methods.py --methods opsd grpo --steps 5 --seeds 1 --eval-size 20   # smoke
 
-For each config under configs/cpu/ (tiny model, arithmetic task) it runs the real stack
-(Ray, vLLM, DeepSpeed) with identical data order, seeds and step count, evaluates the
-held-out split every `--eval-every` steps, and writes:
-  OUT/methods.md   held-out accuracy before/after, mean token entropy, response length,
-                   teacher-student KL, fraction of tokens pushed away (last 5 steps)
-  OUT/methods.json the same numbers
-  OUT/methods.png  held-out accuracy and entropy over steps, one line per method
+For each method (a config under configs/cpu/) and seed it trains the real stack (Ray, vLLM,
+DeepSpeed) from the same cached warm start with `run.seed` = the seed (data order and
+sampling), then scores the final checkpoint on the first `--eval-size` held-out problems:
+greedy accuracy and Avg@k (k samples at the rollout temperature). The warm start itself is
+scored the same way once, so every gain is paired problem by problem: the standard error is
+that of the per-problem difference (after - before, averaged over seeds). `--trl` adds TRL's
+GRPOTrainer on the same warm start, prompts, group size, lr, temperature, lengths and steps
+(benchmarks/throughput.py's worker) as an outside reference row.
+
+Resumable: each finished method/seed leaves OUT/runs/NAME/bench.json and is skipped on a rerun
+(delete that file to redo it), so the benchmark can run across sessions. Writes
+  OUT/methods.md    the table (greedy and Avg@k before/after, paired gain +- s.e., entropy, reward)
+  OUT/methods.json  the same numbers, per seed
+  OUT/methods.png   held-out accuracy (with --eval-every), loss, KL, reward, entropy over steps
 """
 
 from __future__ import annotations
@@ -16,71 +24,186 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
+import statistics
+import sys
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_METHODS = ["opsd", "opsd_clip", "opsd_jsd", "opsd_topk", "opsd_live_teacher", "opsd_ema_teacher", "opd_sampled", "dasd",
-                   "position_weighted", "exposure_fixed",
-                   "exposure", "pmi", "opsd_grpo_mix", "grpo", "dr_grpo", "dapo", "rloo"]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+CORE_METHODS = ["opsd", "opsd_jsd", "dasd", "position_weighted", "exposure_fixed", "exposure", "pmi", "grpo", "dapo",
+                "rloo"]
 
 
-def _tail_mean(rows: list[dict], key_prefix: str, last: int = 5) -> float:
-    values = [v for r in rows[-last:] for k, v in r.items() if k.startswith(key_prefix) and isinstance(v, (int, float))]
+def _tail_mean(rows: list[dict], key: str, last: int = 10) -> float:
+    values = [r[key] for r in rows[-last:] if isinstance(r.get(key), (int, float)) and math.isfinite(r[key])]
     return sum(values) / len(values) if values else math.nan
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--eval-every", type=int, default=10)
-    ap.add_argument("--methods", nargs="*", default=DEFAULT_METHODS)
-    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods"))
-    ap.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
-    args = ap.parse_args()
-
+def method_config(method: str, seed: int, args, out: Path):
     from selfdistill.config import load_config
-    from selfdistill.eval.plots import plot_runs
+
+    overrides = [f"run.name={method}-s{seed}", f"run.output_dir={out / 'runs'}", f"run.steps={args.steps}",
+                 f"run.seed={seed}", f"run.eval_size={args.eval_size}", f"run.eval_every={args.eval_every}",
+                 "run.save_every=0", "run.progress=false"]
+    if args.eval_size > 200:  # the arithmetic task holds out 200 problems unless told more (a new warm start)
+        overrides.append(f"data.num_eval={args.eval_size}")
+    return load_config(ROOT / "configs" / "cpu" / f"{method}.yaml", [*overrides, *args.overrides])
+
+
+def score_model(model_path: str, cfg, k: int) -> dict[str, list[float]]:
+    """Per held-out problem: greedy correctness and the mean reward of k samples at the rollout temperature."""
+    import gc
+
+    from transformers import AutoTokenizer
+
+    from selfdistill.data import load_split
+    from selfdistill.eval.run import evaluate_problems
+    from selfdistill.rewards import build_reward
+    from selfdistill.rollout.base import build_engine
+
+    problems = load_split(cfg.data, "eval", cfg.run.eval_size)
+    tokenizer, engine = AutoTokenizer.from_pretrained(model_path), build_engine(cfg.rollout.engine, model_path)
+    scores = {}
+    with build_reward(cfg.reward) as verifier:
+        for name, samples, temperature in (("greedy", 1, 0.0), (f"avg@{k}", k, cfg.rollout.sampling.temperature)):
+            sampling = cfg.rollout.sampling.model_copy(update={"temperature": temperature, "n": samples, "seed": 0})
+            result = evaluate_problems(engine, verifier, tokenizer, cfg.templates, problems, samples, sampling,
+                                       chat=cfg.chat)
+            by_uid: dict[str, list[float]] = {}
+            for record in result.samples:
+                by_uid.setdefault(record["uid"], []).append(record["reward"])
+            scores[name] = [sum(by_uid[p.uid]) / len(by_uid[p.uid]) for p in problems]
+    del engine
+    gc.collect()
+    return scores
+
+
+def paired(before: list[float], afters: list[list[float]]) -> dict[str, float]:
+    """Mean after, mean gain and the standard error of the per-problem gain (seeds averaged per problem)."""
+    gains = [statistics.fmean(a[i] for a in afters) - before[i] for i in range(len(before))]
+    se = statistics.stdev(gains) / math.sqrt(len(gains)) if len(gains) > 1 else math.nan
+    return {"before": statistics.fmean(before), "after": statistics.fmean(x for a in afters for x in a),
+            "gain": statistics.fmean(gains), "se": se}
+
+
+def run_method(method: str, seed: int, args, out: Path) -> dict:
     from selfdistill.launch.train import train
 
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    # Re-running some methods keeps the others' rows (all come from the same warm start and settings).
-    results = json.loads((out / "methods.json").read_text()) if (out / "methods.json").is_file() else {}
-    for method in args.methods:
-        cfg = load_config(ROOT / "configs" / "cpu" / f"{method}.yaml", [
-            f"run.name={method}", f"run.output_dir={out / 'runs'}", f"run.steps={args.steps}",
-            f"run.eval_every={args.eval_every}", "run.save_every=0", "run.progress=false", *args.overrides,
-        ])
-        start = time.perf_counter()
-        summary = train(cfg)
-        rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-        results[method] = {
-            "accuracy_before": summary["accuracy_before"],
-            "accuracy_after": summary["accuracy_after"],
-            "entropy": _tail_mean(rows, "train/entropy"),
-            "response_length": _tail_mean(rows, "response/length"),
-            "teacher_student_kl": _tail_mean(rows, "train/teacher_student_kl/"),
-            "frac_pushed_away": _tail_mean(rows, "train/frac_pushed_away"),
-            "reward": _tail_mean(rows, "reward/mean"),
-            "seconds": time.perf_counter() - start,
-        }
-        print(f"{method}: {results[method]}", flush=True)
-        (out / "methods.json").write_text(json.dumps(results, indent=2))
+    cfg = method_config(method, seed, args, out)
+    if cfg.run_dir.exists():  # an unfinished attempt: start it again
+        shutil.rmtree(cfg.run_dir)
+    start = time.perf_counter()
+    summary = train(cfg)
+    scores = score_model(summary["checkpoint"], cfg, args.k)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    return {"method": method, "seed": seed, "steps": args.steps, "scores": scores,
+            "entropy": _tail_mean(rows, "train/entropy"), "reward": _tail_mean(rows, "reward/mean"),
+            "teacher_student_kl": _tail_mean(rows, next((k for k in rows[-1] if k.startswith(
+                "train/teacher_student_kl/")), "")),
+            "seconds": time.perf_counter() - start}
 
-    header = ("| method | held-out acc. before | after | Δ | token entropy | response length | teacher-student KL "
-              "| pushed away | train reward | seconds |")
-    lines = [header, "|" + "---|" * 10]
-    for m, r in results.items():
-        delta = r["accuracy_after"] - r["accuracy_before"]
-        lines.append(f"| {m} | {r['accuracy_before']:.3f} | {r['accuracy_after']:.3f} | {delta:+.3f} | "
-                     f"{r['entropy']:.3f} | {r['response_length']:.1f} | {r['teacher_student_kl']:.4f} | "
-                     f"{r['frac_pushed_away']:.3f} | {r['reward']:.3f} | {r['seconds']:.0f} |")
-    note = (f"\n{args.steps} steps per method, same warm start, data order and seeds; metrics other than accuracy are "
-            "means over the last 5 steps (nan: the method does not report it).\n")
-    (out / "methods.md").write_text("\n".join(lines) + note)
-    plot_runs([out / "runs" / m for m in results if (out / "runs" / m / "metrics.jsonl").is_file()], out / "methods.png")
-    print("\n".join(lines) + note)
+
+def run_trl(seed: int, args, out: Path, model_path: str) -> dict:
+    """TRL's GRPOTrainer on the grpo config's prompts and settings (throughput.py's worker), then the same scoring."""
+    import throughput
+
+    cfg = method_config("grpo", seed, args, out)
+    sampling = cfg.rollout.sampling
+    run_dir = out / "runs" / f"trl_grpo-s{seed}"
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    problems = throughput.prompt_schedule(cfg, args.steps)
+    spec = throughput._trl_spec(cfg, model_path, problems, prompts=cfg.rollout.prompts_per_step, n=sampling.n,
+                                max_new=sampling.max_new_tokens, lr=cfg.learner.lr, temperature=sampling.temperature,
+                                steps=args.steps, micro_groups=cfg.rollout.prompts_per_step, threads=2,
+                                out_dir=str(run_dir / "trainer"))
+    spec["save_to"] = str(run_dir / "final")
+    start = time.perf_counter()
+    result = throughput.run_worker("worker_trl", spec, run_dir, threads=2)
+    scores = score_model(spec["save_to"], cfg, args.k)
+    return {"method": "trl_grpo", "seed": seed, "steps": args.steps, "scores": scores, "entropy": math.nan,
+            "reward": _tail_mean([{"r": r} for r in result["mean_reward"]], "r"), "teacher_student_kl": math.nan,
+            "seconds": time.perf_counter() - start}
+
+
+def write_report(out: Path, results: dict, before: dict[str, list[float]], args) -> str:
+    k_key = f"avg@{args.k}"
+    by_method: dict[str, list[dict]] = {}
+    for r in results.values():
+        by_method.setdefault(r["method"], []).append(r)
+    lines = [f"| method | seeds | greedy before | after | gain ± s.e. | {k_key} before | after | gain ± s.e. "
+             "| token entropy | rollout reward | teacher-student KL | minutes / run |", "|" + "---|" * 12]
+    table = {}
+    for method, runs in by_method.items():
+        g = paired(before["greedy"], [r["scores"]["greedy"] for r in runs])
+        a = paired(before[k_key], [r["scores"][k_key] for r in runs])
+        mean = lambda key: statistics.fmean(r[key] for r in runs)  # noqa: E731
+        table[method] = {"greedy": g, k_key: a, "entropy": mean("entropy"), "reward": mean("reward"),
+                         "teacher_student_kl": mean("teacher_student_kl"), "seeds": [r["seed"] for r in runs]}
+        lines.append(f"| {method} | {len(runs)} | {g['before']:.3f} | {g['after']:.3f} | {g['gain']:+.3f} ± "
+                     f"{g['se']:.3f} | {a['before']:.3f} | {a['after']:.3f} | {a['gain']:+.3f} ± {a['se']:.3f} | "
+                     f"{mean('entropy'):.3f} | {mean('reward'):.3f} | {mean('teacher_student_kl'):.4f} | "
+                     f"{mean('seconds') / 60:.1f} |")
+    note = (f"\nSettings: {args.steps} steps, seeds {sorted({r['seed'] for r in results.values()})}, "
+            f"{len(before['greedy'])} held-out problems, {k_key} at the rollout temperature, overrides "
+            f"{args.overrides or 'none'}. Gains are paired per problem against the same warm start; s.e. of the "
+            "per-problem gain (seeds averaged first). Entropy, reward and KL: means over each run's last 10 steps.\n")
+    (out / "methods.json").write_text(json.dumps({"table": table, "runs": results, "before": before}, indent=1))
+    (out / "methods.md").write_text("\n".join(lines) + "\n" + note)
+    return "\n".join(lines) + "\n" + note
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="*", default=CORE_METHODS, help="configs under configs/cpu/ (default: core)")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per method")
+    ap.add_argument("--eval-size", type=int, default=500, help="held-out problems scored before and after")
+    ap.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy during training (curves)")
+    ap.add_argument("--k", type=int, default=4, help="samples per problem for Avg@k")
+    ap.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True,
+                    help="add TRL's GRPOTrainer as a reference row")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods"))
+    ap.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
+    args = ap.parse_args(argv)
+
+    from selfdistill.eval.plots import plot_runs
+    from selfdistill.launch.console import Console
+    from selfdistill.launch.model import prepare_model
+
+    out = Path(args.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    first = method_config(args.methods[0] if args.methods else "grpo", 0, args, out)
+    model_path = prepare_model(first, Console(live=False))  # the one warm start every run begins from
+    before_path = out / f"before-{args.eval_size}-k{args.k}.json"
+    if not before_path.is_file():
+        before_path.write_text(json.dumps({"model": model_path, **score_model(model_path, first, args.k)}))
+    before = json.loads(before_path.read_text())
+    if before["model"] != model_path:
+        raise SystemExit(f"{before_path} scored {before['model']}, this setting warm-starts {model_path}: use "
+                         "another --out")
+
+    jobs = [(m, s) for s in range(args.seeds) for m in args.methods] + (
+        [("trl_grpo", s) for s in range(args.seeds)] if args.trl else [])
+    results = {}
+    for method, seed in jobs:
+        done = out / "runs" / f"{method}-s{seed}" / "bench.json"
+        if done.is_file() and json.loads(done.read_text())["steps"] == args.steps:
+            print(f"{method} seed {seed}: done earlier, kept ({done})", flush=True)
+        else:
+            result = run_trl(seed, args, out, model_path) if method == "trl_grpo" else run_method(method, seed, args,
+                                                                                                   out)
+            done.write_text(json.dumps(result))
+            print(f"{method} seed {seed}: {result['seconds']:.0f} s", flush=True)
+        results[f"{method}-s{seed}"] = json.loads(done.read_text())
+        report = write_report(out, results, before, args)
+    print(report)
+    runs = [out / "runs" / f"{m}-s0" for m in args.methods if (out / "runs" / f"{m}-s0" / "metrics.jsonl").is_file()]
+    if runs:
+        plot_runs(runs, out / "methods.png")
 
 
 if __name__ == "__main__":

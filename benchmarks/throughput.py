@@ -389,6 +389,9 @@ def worker_trl(spec: dict) -> dict:
     trainer.train()
     end = time.perf_counter()
     verifier.close()
+    if spec.get("save_to"):  # benchmarks/methods.py scores the trained model
+        trainer.save_model(spec["save_to"])
+        tokenizer.save_pretrained(spec["save_to"])
     logs = [h for h in trainer.state.log_history if "completions/mean_length" in h]
     return {
         "step_seconds": timer.seconds,
