@@ -29,6 +29,7 @@ from selfdistill.models.warmstart import TinyModelConfig, WarmStartConfig
 from selfdistill.rewards import RewardConfig
 from selfdistill.rollout.base import EngineConfig, SamplingConfig
 from selfdistill.teacher.contexts import ChatConfig
+from selfdistill import weights
 from selfdistill.teacher.exposure import ExposureConfig
 
 
@@ -224,14 +225,7 @@ class LearnerConfig(Strict):
     )
 
 
-class SyncConfig(Strict):
-    transport: Literal["object_store"] = Field(
-        "object_store", description="Weight transport from learner to engines and teacher (see learner/sync/)."
-    )
-    bucket_mb: float = Field(64.0, gt=0, description="Weights travel in buckets of at most this many MiB.")
-    check_every: int = Field(
-        0, ge=0, description="Every N steps compare engine and learner log-probs after a sync (0: off; tests use 1)."
-    )
+SyncConfig = weights.SyncConfig  # one config per transport, chosen by `transport` (selfdistill/weights/)
 
 
 class FaultConfig(Strict):
@@ -275,7 +269,8 @@ class TrainConfig(Strict):
     reward: RewardConfig = Field(default_factory=RewardConfig)
     learner: LearnerConfig = Field(default_factory=LearnerConfig)
     objective: ObjectiveConfig = Field(description="Training objective (default: opsd, filled in before validation).")
-    sync: SyncConfig = Field(default_factory=SyncConfig)
+    sync: SyncConfig = Field(default_factory=weights.ObjectStoreConfig,
+                             description="How weights travel from the learner to engines and teacher.")
     cluster: ClusterConfig = Field(default_factory=ClusterConfig)
     placement: PlacementConfig = Field(
         default_factory=PlacementConfig, description="GPUs, custom resources and node labels per role (launch/placement.py)."

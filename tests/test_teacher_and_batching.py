@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from selfdistill.config import SyncConfig, TeacherConfig
+from selfdistill.config import TeacherConfig
+from selfdistill.weights import ObjectStoreConfig
 from selfdistill.data import PromptSampler
 from selfdistill.data.templates import PromptTemplates
 from selfdistill.learner.batching import collate
@@ -51,7 +52,7 @@ def test_padding_does_not_change_scores(model_dir):
 
 def _teacher(model_dir, weights):
     return TeacherActor(str(model_dir), TeacherConfig(weights=weights, ema_rate=0.75), PromptTemplates(), 1.0,
-                        SyncConfig())
+                        ObjectStoreConfig())
 
 
 def test_privileged_context_changes_the_teacher(model_dir):

@@ -5,7 +5,8 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from selfdistill.config import SyncConfig, TeacherConfig
+from selfdistill.config import TeacherConfig
+from selfdistill.weights import ObjectStoreConfig
 from selfdistill.data.templates import PromptTemplates
 from selfdistill.models.tiny import build_tiny_model
 from selfdistill.records import Problem
@@ -116,7 +117,7 @@ def model_dir(tmp_path_factory):
 
 
 def test_teacher_scores_all_contexts_in_one_call(model_dir, monkeypatch):
-    teacher = TeacherActor(str(model_dir), TeacherConfig(batch_size=5), PromptTemplates(), 1.0, SyncConfig())
+    teacher = TeacherActor(str(model_dir), TeacherConfig(batch_size=5), PromptTemplates(), 1.0, ObjectStoreConfig())
     problems = [Problem("p0", "(3+4)*2", "3+4=7\n7*2=14\n\\boxed{14}", "14"),
                 Problem("p1", "9-2", "9-2=7\n\\boxed{7}", "7")]
     items = [(problem, teacher.tokenizer(text, add_special_tokens=False)["input_ids"])

@@ -6,7 +6,9 @@ engines, gathering results); the loop in `train.py` reads as the algorithm.
 
 from __future__ import annotations
 
+import threading
 import time
+from contextlib import contextmanager
 
 import ray
 
@@ -20,6 +22,7 @@ from selfdistill.rollout.actor import RolloutActor
 from selfdistill.rollout.base import Sample, SamplingConfig
 from selfdistill.teacher.actor import TeacherActor
 from selfdistill.teacher.contexts import prompt_ids
+from selfdistill.weights import WeightSyncError
 
 
 class Roles:
@@ -27,6 +30,7 @@ class Roles:
                  resume_from: str | None = None, version: int = 0):
         self.cfg, self.tokenizer, self.contexts = cfg, tokenizer, contexts
         self.engines, self.teacher, self.learner, self.verifier = [], None, None, None
+        self.paused, self.gate = False, threading.Condition()  # generation pauses while weights change
         self.pids: dict = {"rollout": [], "teacher": None, "learner": []}
         self.placements, self.placement = None, {}
         try:
@@ -46,6 +50,7 @@ class Roles:
                                           **({"teacher": self.teacher} if self.teacher else {}),
                                           **{f"learner/{r}": a for r, a in enumerate(self.learner.actors)}})
             self.verifier = build_reward(cfg.reward)
+            self.learner.connect_weights(self.receivers())  # every receiver joins the weight transport
         except BaseException:
             self.close()
             raise
@@ -74,7 +79,9 @@ class Roles:
 
         `offset` is the chunk's place in the step's batch (see `_seeded`).
         """
-        return engine.generate_stream.options(num_returns="streaming").remote(prompts, _seeded(sampling, offset))
+        with self.gate:  # never starts while weights change (see `publish`)
+            self.gate.wait_for(lambda: not self.paused)
+            return engine.generate_stream.options(num_returns="streaming").remote(prompts, _seeded(sampling, offset))
 
     def trajectories(self, problem: Problem, prompt: list[int], samples: list[Sample],
                      version: int) -> list[Trajectory]:
@@ -93,22 +100,54 @@ class Roles:
 
     def score_async(self, trajs: list[Trajectory], alpha: float | None):
         """Start the teacher on every context the objective reads; a Ray ref to one TeacherScores per trajectory."""
-        return self.teacher.score.remote([(t.problem, t.response_ids) for t in trajs], list(self.contexts), alpha)
+        with self.gate:  # never starts while weights change (see `publish`)
+            self.gate.wait_for(lambda: not self.paused)
+            return self.teacher.score.remote([(t.problem, t.response_ids) for t in trajs], list(self.contexts), alpha)
 
     def train(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
         return self.learner.train_step(trajs, scores)
 
     def publish(self, version: int) -> dict[str, float]:
-        """Learner -> every engine and the teacher; all receivers hold `version` on return."""
+        """Learner -> every engine and the (live or EMA) teacher; all hold `version` on return.
+
+        Generation pauses first: no stream or teacher call starts, and the update begins once every
+        receiver has finished the calls it was running (Ray runs an actor's calls one at a time), so
+        an update never lands mid-generate and a collective never waits on a busy receiver. The
+        learner's rank 0 then sends while every receiver receives (`selfdistill/weights/`). A sync
+        that does not finish within `sync.timeout_s` raises `WeightSyncError` naming the receiver.
+        """
         start = time.perf_counter()
-        handle, stats = self.learner.publish(version)
+        with self._generation_paused():
+            handle, stats = self.learner.publish(version)
         stats["sync/learner_s"] = time.perf_counter() - start
-        receivers = [e.load_weights.remote(handle, version) for e in self.engines]
-        if self.teacher is not None:
-            receivers.append(self.teacher.load_weights.remote(handle, version))
-        ray.get(receivers, timeout=self.cfg.faults.call_timeout_s)
         self.published = (handle, version)  # what a replacement actor loads before it serves (launch/faults.py)
         return stats
+
+    def receivers(self) -> dict:
+        """The weight-sync receivers by name: every engine, and the teacher unless it is frozen."""
+        named = {f"engine {i} (pid {pid})": e for i, (e, pid) in
+                 enumerate(zip(self.engines, self.pids["rollout"] or [None] * len(self.engines)))}
+        if self.teacher is not None and self.cfg.teacher.weights != "frozen":
+            named[f"teacher (pid {self.pids['teacher']})"] = self.teacher
+        return named
+
+    @contextmanager
+    def _generation_paused(self):
+        with self.gate:
+            self.paused = True
+        try:
+            busy = {e.ready.remote(): name for name, e in self.receivers().items()}
+            ready, _ = ray.wait(list(busy), num_returns=len(busy), timeout=self.cfg.sync.timeout_s)
+            if len(ready) < len(busy):
+                late = sorted(name for ref, name in busy.items() if ref not in ready)
+                raise WeightSyncError(f"{', '.join(late)} did not finish their running calls within "
+                                      f"sync.timeout_s={self.cfg.sync.timeout_s:g} s before a weight update")
+            ray.get(ready)
+            yield
+        finally:
+            with self.gate:
+                self.paused = False
+                self.gate.notify_all()
 
     def save_checkpoint(self, path, client_state: dict) -> None:
         self.learner.save_checkpoint(str(path), client_state)
@@ -118,10 +157,12 @@ class Roles:
     # ------------------------------------------------------------------ checks
 
     def sync_gap(self, sequence: list[int]) -> float:
-        """Largest |engine - learner| log-prob over a fixed sequence (0 when sync landed)."""
+        """Largest |receiver - learner| log-prob over a fixed sequence, over every engine and a live teacher
+        (0 when the sync landed; an EMA or frozen teacher is not meant to equal the learner)."""
         learner = self.learner.sequence_logprobs([sequence])[0]
-        engines = ray.get([e.sequence_logprobs.remote([sequence]) for e in self.engines])
-        return max(abs(a - b) for out in engines for a, b in zip(out[0], learner))
+        receivers = list(self.engines) + ([self.teacher] if self.teacher and self.cfg.teacher.weights == "live" else [])
+        outs = ray.get([r.sequence_logprobs.remote([sequence]) for r in receivers])
+        return max(abs(a - b) for out in outs for a, b in zip(out[0], learner))
 
     def close(self, timeout_s: float = 60.0) -> None:
         """Stop the verifier and every actor, and wait (bounded) until their processes have exited."""

@@ -22,9 +22,9 @@ from selfdistill.learner.objectives import build_objective
 from selfdistill.learner.objectives.base import ObjectiveInputs
 from selfdistill.models.attention import attention_kernel, placement_device
 from selfdistill.learner.safe_load import load_weights_only
-from selfdistill.learner.sync import build_transport
 from selfdistill.models import lora
 from selfdistill.records import TeacherScores, Trajectory
+from selfdistill import weights
 
 DEEPSPEED_TAG = "state"
 
@@ -61,7 +61,7 @@ class LearnerActor:
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.temperature = cfg.train_temperature
         self.objective = build_objective(cfg.objective)
-        self.transport = build_transport(cfg.sync)
+        self.sender = weights.build_sender(cfg.sync, rank)  # no receivers until connect_weights
         self.model_path = model_path
         lc = cfg.learner
         self.ds_config = {
@@ -229,29 +229,44 @@ class LearnerActor:
                 bucket.append(unit)
                 size += numel * 4
 
-    def publish(self, version: int):
-        """Publish the current weights; rank 0 returns (transport handle, stats), other ranks None."""
-        stats = {"sync/bytes": 0, "sync/buckets": 0}
+    def _weights(self) -> weights.Weights:
+        """What a sync carries: every weight, or with LoRA the adapter (`learner.lora.sync`), in buckets."""
+        units = self._sync_units()
+        zero3 = self.cfg.learner.zero_stage == 3
+        meta = [weights.TensorMeta(name, torch.float32, tuple(parts[0].ds_shape if zero3 else parts[0].shape))
+                for name, parts, _ in units]
+        lc = self.cfg.learner.lora
+        kind = "adapter" if lc is not None and lc.sync != "merged" else "full"
+        return weights.Weights(meta, lambda: self._gathered_buckets(self.cfg.sync.bucket_bytes, units), kind)
 
-        def counted(buckets):
-            for bucket in buckets:
+    def connect_weights(self, receivers: dict, workers: dict[str, int] | None = None) -> None:
+        """Join the weight transport with the named receiver actors (every rank calls it; rank 0 sends)."""
+        client = weights.Receivers(receivers, workers, self.cfg.sync.timeout_s) if self.rank == 0 else None
+        self.sender = weights.build_sender(self.cfg.sync, self.rank, client)
+        self.sender.connect(self._weights())
+
+    def publish(self, version: int):
+        """Send the current weights to every receiver; rank 0 returns (transport handle, stats), other ranks None.
+
+        The handle is the object store's bucket refs (None for the other transports).
+        """
+        stats = {"sync/bytes": 0, "sync/buckets": 0}
+        sync = self._weights()
+
+        def counted():
+            for bucket in sync.buckets():
                 stats["sync/bytes"] += sum(t.numel() * t.element_size() for t in bucket.values())
                 stats["sync/buckets"] += 1
                 yield bucket
 
-        buckets = counted(self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20), self._sync_units()))
-        if self.rank == 0:
-            handle = self.transport.publish(buckets, version)
-            return handle, stats
-        for _ in buckets:  # take part in the ZeRO-3 gathers
-            pass
-        return None
+        handle = self.sender.send(weights.Weights(sync.meta, counted, sync.kind), version)
+        return (handle, stats) if self.rank == 0 else None
 
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         """Rank 0 writes a Hugging Face folder (safetensors + tokenizer), or with LoRA a PEFT adapter folder;
         every rank writes its DeepSpeed state (with LoRA: the adapter's only)."""
         state = {}
-        for bucket in self._gathered_buckets(int(self.cfg.sync.bucket_mb * 2**20), self._sync_units(merged=False)):
+        for bucket in self._gathered_buckets(self.cfg.sync.bucket_bytes, self._sync_units(merged=False)):
             if self.rank == 0:
                 state.update(bucket)
         if self.rank == 0:

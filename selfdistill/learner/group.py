@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import time
 
 import ray
 
@@ -10,6 +11,7 @@ from selfdistill.config import TrainConfig
 from selfdistill.learner.actor import LearnerActor
 from selfdistill.learner.batching import micro_batch_plan, shard_groups
 from selfdistill.records import TeacherScores, Trajectory
+from selfdistill.weights import WeightSyncError
 
 
 def _free_port() -> int:
@@ -43,9 +45,30 @@ class LearnerGroup:
         results = ray.get(refs)
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
+    def connect_weights(self, receivers: dict, workers: dict[str, int] | None = None) -> None:
+        """Join the weight transport with the named receiver actors (bounded by `sync.timeout_s`)."""
+        self._bounded([a.connect_weights.remote(receivers, workers) for a in self.actors], "connecting to receivers")
+
     def publish(self, version: int):
-        """Gather and publish weights; returns rank 0's (transport handle, byte and bucket counts)."""
-        return ray.get([a.publish.remote(version) for a in self.actors])[0]
+        """Gather and send weights to every receiver; returns rank 0's (transport handle, byte and bucket counts).
+
+        Raises `WeightSyncError` naming the receiver that failed or the learner rank that did not finish in time.
+        """
+        return self._bounded([a.publish.remote(version) for a in self.actors], f"publishing version {version}")[0]
+
+    def _bounded(self, refs: list, what: str) -> list:
+        # The ranks bound their own receivers' calls by sync.timeout_s; the margin lets their errors (which name
+        # the receiver) arrive first.
+        deadline = time.monotonic() + self.cfg.sync.timeout_s + 30
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
+            if not ready:
+                ranks = [refs.index(r) for r in pending]
+                raise WeightSyncError(f"learner ranks {ranks} did not finish {what} within sync.timeout_s="
+                                      f"{self.cfg.sync.timeout_s:g} s (+30 s)")
+            ray.get(ready[0])  # an error, naming the receiver, surfaces at once
+        return ray.get(refs)
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         return ray.get([a.sequence_logprobs.remote(sequences) for a in self.actors])[0]

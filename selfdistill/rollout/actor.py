@@ -8,29 +8,38 @@ live in `__main__`):
 `num_cpus` also sets the actor's OpenMP threads. Calls run one at a time, so weights never
 change under a running `generate`, and the version returned by `weight_version()` between
 calls is the one that produced the samples of the next `generate`.
+
+Weights arrive through the weight transport (selfdistill/weights/) as vLLM's four
+weight-sync calls, driven by the learner: a vLLM engine built with the transport's
+`vllm_backend` hands them to vLLM's weight-transfer API; otherwise the engine reloads
+from the named tensors the transport yields.
 """
 
 from __future__ import annotations
 
 import os
 
-from selfdistill.config import SyncConfig
-from selfdistill.learner.sync import build_transport
+from selfdistill import weights
+from selfdistill.models import lora
 from selfdistill.rollout import vllm_internals
 from selfdistill.rollout.base import EngineConfig, Sample, SamplingConfig, build_engine
+from selfdistill.weights.object_store import bucket_tensors
 
 
 class RolloutActor:
     """Ray actor around a `RolloutEngine`; see the module docstring."""
 
-    def __init__(self, model_path: str, engine: EngineConfig, sync: SyncConfig | None = None, version: int = 0):
+    def __init__(self, model_path: str, engine: EngineConfig, sync: weights.SyncConfig | None = None,
+                 version: int = 0):
         vllm_internals.configure_env()  # in this actor's process, before anything imports vllm
-        self.engine = build_engine(engine, model_path)
-        self.transport = build_transport(sync or SyncConfig())
+        self.receiver = weights.build_receiver(sync or weights.ObjectStoreConfig())
+        # vLLM's weight transfer replaces base weights; a LoRA adapter is reloaded from the tensors instead
+        self.native = engine.name == "vllm" and self.receiver.vllm_backend is not None and not lora.is_adapter(model_path)
+        self.engine = build_engine(engine, model_path, self.receiver.vllm_backend if self.native else None)
         self.version = version  # of the weights in model_path (a resumed run's checkpoint step)
 
     def ready(self) -> int:
-        """The actor's process id, once the engine is built."""
+        """The actor's process id, once the engine is built (and, called later, once earlier calls are done)."""
         return os.getpid()
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:
@@ -47,17 +56,43 @@ class RolloutActor:
         """log p(x_t | x_<t) for t >= 1 at temperature 1 under the current weights."""
         return self.engine.sequence_logprobs(sequences)
 
-    def load_weights(self, handle, version: int) -> int:
-        """Stream a published version into the engine in one reload, then hold `version`; returns it.
+    # ------------------------------------------------------------------ weights in
 
-        `handle` comes from the weight transport (`learner/sync`); it yields tensors bucket by
-        bucket as the engine consumes them, so the whole model is never held twice.
-        """
-        self.engine.load_weights(self.transport.receive(handle))
+    def load_weights(self, buckets: list, version: int) -> int:
+        """Reload every weight from a list of buckets (dicts of tensors, or Ray refs to them) in one call;
+        returns `version`, now held."""
+        self.engine.load_weights(bucket_tensors(buckets))
         self.version = version
         return version
+
+    # vLLM's weight-sync calls, driven by the learner through the weight transport
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        """Join the learner's transport (a collective group's rendezvous; nothing for the object store)."""
+        if self.native:
+            vllm_internals.init_weight_transfer(self.engine.llm, init_info)
+        else:
+            self.receiver.init(init_info)
+
+    def start_weight_update(self) -> None:
+        if self.native:
+            vllm_internals.start_weight_update(self.engine.llm)
+
+    def update_weights(self, update_info: dict) -> None:
+        """Receive one chunk of a version (the learner sends while this runs)."""
+        update_info = dict(update_info)
+        update_info.pop("kind", None)  # "full" or "adapter": the engine knows what it serves
+        if self.native:
+            vllm_internals.update_weights(self.engine.llm, update_info)
+        else:
+            self.engine.load_weights(self.receiver.tensors(update_info))
+
+    def finish_weight_update(self, weight_version: str) -> None:
+        """Commit the update: the next `generate` samples from `weight_version`."""
+        if self.native:
+            vllm_internals.finish_weight_update(self.engine.llm, int(weight_version))
+        self.version = int(weight_version)
 
     def weight_version(self) -> int:
         """Version of the weights the engine holds (0: the initial checkpoint)."""
         return self.version
-

@@ -78,12 +78,6 @@ class EngineConfig(BaseModel):
         "engine's numbers are the true sampling probabilities and the learner must truncate the same way. "
         "At temperature 0 both modes give log_softmax(logits).",
     )
-    weight_transfer_backend: str | None = Field(
-        None,
-        description="vLLM engine only, GPU: vLLM's RL weight-transfer backend ('nccl', 'ipc'), driven through "
-        "`rollout.vllm_internals.init_weight_transfer` / `receive_weight_transfer`. None: weights arrive through "
-        "`load_weights` (in-place reload, works on CPU).",
-    )
 
 
 @dataclass
@@ -116,12 +110,13 @@ class RolloutEngine(Protocol):
         ...
 
 
-def build_engine(cfg: EngineConfig, model_path: str) -> RolloutEngine:
-    """The engine named by `cfg.name`, loaded from a Hugging Face model folder."""
+def build_engine(cfg: EngineConfig, model_path: str, weight_transfer_backend: str | None = None) -> RolloutEngine:
+    """The engine named by `cfg.name`, loaded from a Hugging Face model folder. A vLLM engine built with a
+    `weight_transfer_backend` receives weights through vLLM's weight-transfer API (see selfdistill/weights/)."""
     if cfg.name == "vllm":
         from selfdistill.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, cfg)
+        return VLLMEngine(model_path, cfg, weight_transfer_backend)
     from selfdistill.rollout.hf_engine import HFEngine
 
     return HFEngine(model_path, cfg)

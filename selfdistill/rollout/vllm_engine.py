@@ -21,7 +21,7 @@ from selfdistill.rollout.base import EngineConfig, Sample, SamplingConfig
 class VLLMEngine:
     """`RolloutEngine` on vLLM (see `rollout.base`)."""
 
-    def __init__(self, model_path: str, cfg: EngineConfig):
+    def __init__(self, model_path: str, cfg: EngineConfig, weight_transfer_backend: str | None = None):
         self.adapter = None
         if lora.is_adapter(model_path):
             from selfdistill.rollout.lora_adapter import AdapterVersions
@@ -30,7 +30,7 @@ class VLLMEngine:
             self.llm = vi.make_llm(lora.base_model_path(model_path), cfg, max_lora_rank=rank)
             self.adapter = AdapterVersions(self.llm, model_path)
         else:
-            self.llm = vi.make_llm(model_path, cfg)
+            self.llm = vi.make_llm(model_path, cfg, weight_transfer_backend=weight_transfer_backend)
         self.checkpoint_names = _checkpoint_names(model_path)  # with an adapter: the adapter's tensors
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:

@@ -9,7 +9,7 @@ A vLLM upgrade should touch this file only. What is used, and why:
 - `vllm.LLM(...)` keyword arguments: `distributed_executor_backend="uni"` (one worker in
   this process), `kv_cache_memory_bytes` (the CPU KV cache size; it replaces the legacy
   `VLLM_CPU_KVCACHE_SPACE`, which, if set, still wins), `logprobs_mode`, and
-  `weight_transfer_config` for the GPU weight-transfer path.
+  `weight_transfer_config` (vLLM's weight-transfer API, backend named by the weight transport).
 - `SamplingParams`: `logprobs=0` returns the sampled token's log-prob only;
   `flat_logprobs=True` returns them as `FlatLogprobs` (flat lists, no dict per token),
   whose `logprobs[start_indices[i]]` is the sampled (or, for prompts, the actual) token
@@ -31,8 +31,12 @@ A vLLM upgrade should touch this file only. What is used, and why:
   to drop a replaced version, and the model registry's class with `supports_lora` to refuse
   a model whose vLLM implementation has no LoRA path.
 - RL weight-transfer API (`init_weight_transfer_engine`, `start_weight_update`,
-  `update_weights`, `finish_weight_update(weight_version=...)`): the GPU path, where the
-  learner broadcasts with NCCL or shares CUDA IPC handles; its built-in backends need CUDA.
+  `update_weights`, `finish_weight_update(weight_version=...)`): the collective and IPC weight
+  transports (selfdistill/weights/). With multiprocessing off the worker runs in this
+  process, so a backend registered here with vLLM's factory (gloo, on CPU) is found. The
+  update goes through the same layerwise reload as `reload_weights`, so the tied lm_head is
+  repacked after it too; on CPU the base engine's `torch.accelerator.synchronize()` raises,
+  which the gloo backend skips.
 """
 
 from __future__ import annotations
@@ -58,7 +62,8 @@ def configure_env() -> None:
     os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
 
 
-def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = None) -> LLM:
+def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = None,
+             weight_transfer_backend: str | None = None) -> LLM:
     """Build an in-process `vllm.LLM` for a Hugging Face model folder (serving one LoRA adapter at a time if
     `max_lora_rank` is set)."""
     configure_env()
@@ -69,8 +74,8 @@ def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = Non
         kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(max_lora_rank), max_loras=1)
     if cfg.kv_cache_gib is not None:
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
-    if cfg.weight_transfer_backend is not None:
-        kwargs["weight_transfer_config"] = {"backend": cfg.weight_transfer_backend}
+    if weight_transfer_backend is not None:
+        kwargs["weight_transfer_config"] = {"backend": weight_transfer_backend}
     return LLM(
         model=model_path,
         dtype=cfg.dtype,
@@ -234,14 +239,22 @@ def lora_unsupported_reason(model_path: str) -> str | None:
 
 
 def init_weight_transfer(llm: LLM, init_info: dict) -> None:
-    """GPU path: join the learner's weight-transfer group (backend-specific `init_info`, e.g. NCCL rendezvous)."""
+    """Join the learner's weight-transfer group (backend-specific `init_info`, e.g. the rendezvous)."""
     llm.init_weight_transfer_engine({"init_info": init_info})
 
 
-def receive_weight_transfer(llm: LLM, update_infos: Iterable[dict], version: int) -> None:
-    """GPU path: receive one weight version chunk by chunk while the learner sends it, then commit it."""
+def start_weight_update(llm: LLM) -> None:
+    """Open a weight update (layerwise reload of checkpoint-format tensors)."""
     llm.start_weight_update()
-    for update_info in update_infos:
-        llm.update_weights({"update_info": update_info})
+
+
+def update_weights(llm: LLM, update_info: dict) -> None:
+    """Receive one chunk of the update while the learner sends it."""
+    llm.update_weights({"update_info": update_info})
+
+
+def finish_weight_update(llm: LLM, version: int) -> None:
+    """Commit the update as `version`; repack a tied lm_head and drop KV blocks of the old weights."""
     llm.finish_weight_update(weight_version=str(version))
+    llm.apply_model(_repack_tied_lm_head)
     llm.reset_prefix_cache()

@@ -12,14 +12,15 @@ import os
 
 import torch
 
+from selfdistill import weights
 from selfdistill.config import SyncConfig, TeacherConfig
 from selfdistill.data.templates import PromptTemplates
-from selfdistill.learner.sync import build_transport
 from selfdistill.models import lora
 from selfdistill.records import Problem, TeacherScores
 from selfdistill.teacher.contexts import ChatConfig, prompt_ids
 from selfdistill.models.attention import attention_kernel, placement_device
 from selfdistill.teacher.scorer import score_responses
+from selfdistill.weights.object_store import bucket_tensors
 
 
 class TeacherActor:
@@ -35,7 +36,7 @@ class TeacherActor:
         attn = attention_kernel(cfg.attn_implementation, device)
         self.model = lora.load_policy(model_path, getattr(torch, cfg.dtype), attn_implementation=attn).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
-        self.transport = build_transport(sync)
+        self.receiver = weights.build_receiver(sync)
         self.version = 0
         self.pid = os.getpid()
 
@@ -55,21 +56,42 @@ class TeacherActor:
         n = len(items)
         return [TeacherScores({c: scores[k * n + i] for k, c in enumerate(contexts)}, self.version) for i in range(n)]
 
-    @torch.no_grad()
-    def load_weights(self, handle, version: int) -> int:
-        """Take published weights according to `teacher.weights`; returns the version now held."""
+    def load_weights(self, buckets, version: int) -> int:
+        """Take one version from a list of buckets (dicts of tensors, or Ray refs to them) in one call;
+        returns the version now held."""
         if self.cfg.weights == "frozen":
             return self.version
+        self._apply(bucket_tensors(buckets))
+        self.version = version
+        return version
+
+    # vLLM's weight-sync calls, driven by the learner through the weight transport (selfdistill/weights/)
+
+    def init_weight_transfer_engine(self, init_info: dict) -> None:
+        self.receiver.init(init_info)
+
+    def start_weight_update(self) -> None:
+        pass
+
+    def update_weights(self, update_info: dict) -> None:
+        self._apply(self.receiver.tensors(update_info))
+
+    def finish_weight_update(self, weight_version: str) -> None:
+        self.version = int(weight_version)
+
+    @torch.no_grad()
+    def _apply(self, named_tensors) -> None:
+        """Copy (live) or blend (ema) received tensors into the teacher's parameters."""
+        if self.cfg.weights == "frozen":
+            raise RuntimeError("a frozen teacher receives no weights (it is not a weight-sync receiver)")
         params = lora.published_parameters(self.model)
-        for name, tensor in self.transport.receive(handle):
+        for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"teacher received unknown parameter {name!r}")
             if self.cfg.weights == "ema":
                 params[name].mul_(self.cfg.ema_rate).add_(tensor.to(params[name].dtype), alpha=1 - self.cfg.ema_rate)
             else:
                 params[name].copy_(tensor)
-        self.version = version
-        return version
 
     def save(self, path: str) -> None:
         """Write the teacher's own weights (needed to resume an EMA teacher) as a Hugging Face folder."""

@@ -1,0 +1,92 @@
+"""Weight transports without processes: bucket plans, metadata checks, packing, IPC handle metadata, config."""
+
+import pytest
+import torch
+
+from selfdistill.config import ConfigError, load_config
+from selfdistill.weights import CollectiveConfig, IpcConfig, ObjectStoreConfig, TensorMeta, bucket_plan, checked
+from selfdistill.weights.base import meta_from_update_info, pack, unpack, update_info
+from selfdistill.weights.ipc import check_update_info
+
+
+def test_bucket_plan_closes_a_bucket_once_it_exceeds_the_buffer():
+    # 4+4=8 > 7 closes [0, 1]; 4+10 > 7 closes [2, 3]; the 1 left over is the last bucket
+    assert bucket_plan([4, 4, 4, 10, 1], 7) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert bucket_plan([20], 7) == [range(0, 1)]  # larger than the buffer: alone
+    assert bucket_plan([3, 4], 7) == [range(0, 2)]  # exactly full stays open until the end
+    assert bucket_plan([], 7) == []
+
+
+def test_bucket_plan_cuts_where_vllms_packed_producer_cuts():
+    from vllm.distributed.weight_transfer.packed_tensor import pack_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    tensors = [(f"t{i}", torch.zeros(int(torch.randint(1, 50, (1,), generator=generator)))) for i in range(40)]
+    buffer = 256
+    it = iter(tensors)
+    vllm_chunks = []
+    while (chunk := pack_tensors(it, lambda item: item[1], buffer)) is not None:
+        vllm_chunks.append(chunk.names)
+    ours = [[tensors[i][0] for i in part] for part in bucket_plan([t.numel() * 4 for _, t in tensors], buffer)]
+    assert ours == vllm_chunks
+
+
+def _meta(named):
+    return [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in named]
+
+
+def test_checked_passes_tensors_that_match_their_metadata():
+    named = [("a", torch.zeros(2, 3)), ("b", torch.ones(4))]
+    assert [n for n, _ in checked(iter(named), _meta(named))] == ["a", "b"]
+
+
+@pytest.mark.parametrize("sent, message", [
+    ([("a", torch.zeros(2, 3)), ("b", torch.ones(5))], "declared 'b' torch.float32 (4,), got 'b' torch.float32 (5,)"),
+    ([("a", torch.zeros(2, 3)), ("b", torch.ones(4, dtype=torch.float64))], "got 'b' torch.float64"),
+    ([("a", torch.zeros(2, 3)), ("c", torch.ones(4))], "declared 'b'"),
+    ([("a", torch.zeros(2, 3))], "the first missing is 'b'"),
+    ([("a", torch.zeros(2, 3)), ("b", torch.ones(4)), ("c", torch.ones(1))], "first extra 'c'"),
+])
+def test_checked_raises_naming_the_tensor_that_disagrees(sent, message):
+    meta = _meta([("a", torch.zeros(2, 3)), ("b", torch.ones(4))])
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        list(checked(iter(sent), meta))
+
+
+def test_pack_unpack_round_trip_and_update_info():
+    named = [("w", torch.arange(6.0).view(2, 3)), ("i", torch.tensor([1, -2], dtype=torch.int64)),
+             ("h", torch.tensor([0.5], dtype=torch.bfloat16))]
+    meta = _meta(named)
+    buffer = pack([t for _, t in named])
+    assert buffer.dtype == torch.uint8 and buffer.numel() == 6 * 4 + 2 * 8 + 2
+    for (name, want), (got_name, got) in zip(named, unpack(buffer, meta)):
+        assert got_name == name and torch.equal(got, want)
+    info = update_info(meta)
+    assert info == {"names": ["w", "i", "h"], "dtype_names": ["float32", "int64", "bfloat16"],
+                    "shapes": [[2, 3], [2], [1]]}
+    assert meta_from_update_info(info) == meta
+
+
+def test_ipc_update_info_checks_sizes_and_handles():
+    info = {**update_info(_meta([("a", torch.zeros(2, 3)), ("b", torch.zeros(4))])), "tensor_sizes": [24, 16],
+            "ipc_handles": {"GPU-0": ("args",)}}
+    assert [m.name for m in check_update_info(info)] == ["a", "b"]
+    with pytest.raises(ValueError, match="'b' torch.float32 \\(4,\\) holds 16 bytes, tensor_sizes says 12"):
+        check_update_info({**info, "tensor_sizes": [24, 12]})
+    with pytest.raises(ValueError, match="one byte size per tensor"):
+        check_update_info({**info, "tensor_sizes": [24]})
+    with pytest.raises(ValueError, match="ipc_handles must map GPU UUIDs"):
+        check_update_info({**info, "ipc_handles": [("args",)]})
+
+
+def test_sync_config_is_chosen_by_transport():
+    assert isinstance(load_config(None, []).sync, ObjectStoreConfig)
+    cfg = load_config(None, ["sync.transport=collective", "sync.timeout_s=20", "sync.bucket_mb=1"])
+    assert isinstance(cfg.sync, CollectiveConfig) and cfg.sync.backend == "gloo" and cfg.sync.bucket_bytes == 2**20
+    assert isinstance(load_config(None, ["sync.transport=ipc"]).sync, IpcConfig)
+    with pytest.raises(ConfigError, match="sync"):
+        load_config(None, ["sync.transport=carrier"])
+    with pytest.raises(ConfigError, match="backend"):
+        load_config(None, ["sync.transport=collective", "sync.backend=mpi"])
+    with pytest.raises(ConfigError, match="backend"):
+        load_config(None, ["sync.backend=gloo"])  # the object store has no backend
