@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 train(cfg, resume_from)
-            except RoleFailed as e:
-                print(f"selfdistill: run stopped: {e}", file=sys.stderr)
+            except RuntimeError as e:  # RoleFailed, or the rollout pipeline's error that wraps one
+                failed = e if isinstance(e, RoleFailed) else e.__cause__
+                if not isinstance(failed, RoleFailed):
+                    raise
+                print(f"selfdistill: run stopped: {failed}", file=sys.stderr)
                 return 3
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"selfdistill: error: {e}", file=sys.stderr)
