@@ -35,10 +35,12 @@ if [[ ! -x "$VENV/bin/python" ]]; then
 fi
 PY="$VENV/bin/python"
 LOG="$VENV/install.log"
-stamp="$VENV/.selfdistill-install-$(sha1sum pyproject.toml | cut -c1-12)-$EXTRAS"
-if [[ -z $ONLY && -f "$stamp" ]]; then
-  echo "install.sh: $VENV is up to date (selfdistill [$EXTRAS])"
-  exit 0
+if [[ -z $ONLY ]]; then  # --only steps run before the project is there (a Docker layer of their own)
+  stamp="$VENV/.selfdistill-install-$(sha1sum pyproject.toml | cut -c1-12)-$EXTRAS"
+  if [[ -f "$stamp" ]]; then
+    echo "install.sh: $VENV is up to date (selfdistill [$EXTRAS])"
+    exit 0
+  fi
 fi
 : >"$LOG"
 

@@ -328,7 +328,7 @@ def _plot(rows: list[dict], fields: list[str], metrics: list[str], out_dir: Path
         if others:
             ax.legend(fontsize=8)
         fig.tight_layout()
-        path = out_dir / f"{_slug(metric)}.png"
+        path = out_dir / (re.sub(r"[^A-Za-z0-9._]+", "_", metric) + ".png")  # train/loss -> train_loss.png
         fig.savefig(path, dpi=100)
         plt.close(fig)
         written.append(path)
