@@ -59,7 +59,7 @@ def test_registry_builds_every_name_and_the_loss_runs(name):
     student = logits.log_softmax(-1)
     tokens = torch.randint(0, V, (B, T))
     teacher = {}
-    for context in ("full", "reference_only"):
+    for context in ("full", "reference_only", "none"):
         rows = torch.randn(B, T, V).log_softmax(-1)
         top = rows.topk(3, dim=-1)
         teacher[context] = TeacherTensors(
@@ -94,7 +94,7 @@ def test_contexts_and_full_vocab_needs():
     opsd = build_objective(OpsdConfig(context="partial"))
     assert opsd.contexts == ("partial",) and opsd.needs_full_vocab
     assert not build_objective(OpsdConfig(support="teacher_topk")).needs_full_vocab
-    assert build_objective(PmiConfig()).contexts == ("full", "reference_only")
+    assert build_objective(PmiConfig()).contexts == ("full", "reference_only", "none")
 
 
 def test_defaults_follow_the_methods():
@@ -106,7 +106,9 @@ def test_defaults_follow_the_methods():
     assert (OpsdConfig().beta, OpsdConfig().clip) == (0.0, None)  # the paper reruns set 0.05 (configs/gpu)
     pw = PositionWeightedConfig()
     assert (pw.w_min, pw.tau, pw.s, pw.clip) == (0.25, 0.30, 0.10, 0.05)
-    assert (DasdConfig().rho, DasdConfig().gap_norm, DasdConfig().side) == (0.2, "traj_std", "low_entropy_pulls")
+    dasd = DasdConfig()
+    assert (dasd.rho, dasd.side) == (0.2, "low_entropy_pulls")  # the paper's
+    assert (dasd.gap_norm, dasd.push_margin, dasd.push_groups) == ("none", 1.0, "mixed_rewards")  # ours, measured
     assert (PmiConfig().beta, PmiConfig().clip, PmiConfig().target_form) == (1.0, 10.0, "tanh_clip")
 
 
