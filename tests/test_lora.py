@@ -76,7 +76,7 @@ def test_lora_two_ranks_equal_plain_peft_adamw(base, tmp_path, monkeypatch, zero
     path, _ = _adapter(base, tmp_path)
     cfg = load_config(None, [f"model={{kind: pretrained, path: {base}}}", "objective.name=grpo", "learner.lr=1e-2",
                              "learner.grad_clip=0", f"learner.zero_stage={zero_stage}", "learner.num_ranks=2",
-                             "learner.micro_batch_groups=1", "learner.lora={rank: 4, alpha: 8}"])
+                             "learner.micro_batch_groups=1", "learner.lora={rank: 4, alpha: 8, sync: adapter}"])
     problem = Problem("p", "q", "r", "1")
     trajs = [Trajectory(problem, g, [5, 6, 7], [8 + g, 9, 10 + i][: 2 + i], [-1.0] * 3, "stop", 0, reward=float(i))
              for g in range(2) for i in range(2)]
@@ -85,7 +85,7 @@ def test_lora_two_ranks_equal_plain_peft_adamw(base, tmp_path, monkeypatch, zero
     reference.optimizer = torch.optim.AdamW([p for p in reference.model.parameters() if p.requires_grad], lr=1e-2)
     want_names = set(load_file(f"{path}/{lora.ADAPTER_WEIGHTS}"))
 
-    ray.init(num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         learner = LearnerGroup(cfg, path)
         for version in range(3):
@@ -206,7 +206,7 @@ def test_papers_that_train_lora_use_it_in_their_gpu_configs(size):
     for method in ("position_weighted", "pmi"):
         cfg = load_config(Path(__file__).parent.parent / "configs" / "gpu" / f"qwen3-{size}" / f"{method}.yaml")
         lc = cfg.learner.lora
-        assert (lc.rank, lc.alpha, lc.sync, cfg.learner.lr, cfg.teacher.weights) == (64, 128, "adapter", 5e-6, "frozen")
+        assert (lc.rank, lc.alpha, cfg.learner.lr, cfg.teacher.weights) == (64, 128, 5e-6, "frozen")
     for method in ("grpo", "dasd"):  # papers that train full weights
         assert load_config(Path(__file__).parent.parent / "configs" / "gpu" / f"qwen3-{size}" / f"{method}.yaml"
                            ).learner.lora is None
@@ -221,7 +221,7 @@ def test_lora_on_a_model_vllm_cannot_serve_with_lora_fails_before_any_actor(tmp_
 
     gpt2 = tmp_path / "gpt2"
     GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64, architectures=["GPT2LMHeadModel"]).save_pretrained(gpt2)
-    cfg = load_config(None, [f"model={{kind: pretrained, path: {gpt2}}}", "learner.lora={rank: 8}",
+    cfg = load_config(None, [f"model={{kind: pretrained, path: {gpt2}}}", "learner.lora={rank: 8, sync: adapter}",
                              f"run.output_dir={tmp_path}", "run.progress=false"])
     with pytest.raises(ConfigError, match=r"learner\.lora\.sync: adapter serving needs vLLM's LoRA support: .*"
                                           r"GPT2LMHeadModel.*learner\.lora\.sync=merged"):
@@ -231,3 +231,35 @@ def test_lora_on_a_model_vllm_cannot_serve_with_lora_fails_before_any_actor(tmp_
     assert not ray.is_initialized()  # refused before the cluster and any actor started
     check_lora(cfg.model_copy(update={"learner": cfg.learner.model_copy(update={
         "lora": lora.LoraConfig(rank=8, sync="merged")})}), str(gpt2))
+
+
+@pytest.mark.e2e
+def test_fresh_adapter_under_zero3_publishes_merged_full_weights(base, monkeypatch):
+    """sync: merged from the base (the learner makes its own adapter on ZeRO-3-partitioned weights): the first
+    publish is exactly the base; after a step only adapter-targeted weights moved."""
+    import ray
+
+    from selfdistill.learner.group import LearnerGroup
+
+    monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
+    cfg = load_config(None, [f"model={{kind: pretrained, path: {base}}}", "objective.name=grpo", "learner.lr=1e-2",
+                             "learner.zero_stage=3", "learner.num_ranks=2", "learner.micro_batch_groups=1",
+                             "learner.lora={rank: 4, alpha: 8, sync: merged, target_modules: [q_proj, down_proj]}"])
+    want = load_file(f"{base}/model.safetensors")
+    problem = Problem("p", "q", "r", "1")
+    trajs = [Trajectory(problem, g, [5, 6, 7], [8 + g, 9, 10 + i], [-1.0] * 3, "stop", 0, reward=float(i))
+             for g in range(2) for i in range(2)]
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    try:
+        learner = LearnerGroup(cfg, base)
+        handle, _ = learner.publish(0)
+        ours = {name: t for ref in handle for name, t in ray.get(ref).items()}
+        assert set(ours) == set(want) and all(torch.equal(ours[n], want[n]) for n in want)
+        for version in (1, 2):
+            learner.train_step(trajs, None)
+        handle, _ = learner.publish(2)
+        ours = {name: t for ref in handle for name, t in ray.get(ref).items()}
+        moved = {n for n in want if not torch.equal(ours[n], want[n])}
+        assert moved == {"model.layers.0.self_attn.q_proj.weight", "model.layers.0.mlp.down_proj.weight"}
+    finally:
+        ray.shutdown()

@@ -12,7 +12,7 @@ from selfdistill.launch.cli import main as cli
 from selfdistill.launch.run_dir import latest_checkpoint
 from selfdistill.launch.train import train
 from selfdistill.models import lora
-from tests.test_e2e import SYNC_TOLERANCE, _config, _metrics, tiny_model  # noqa: F401  (fixture)
+from tests.test_e2e import SYNC_TOLERANCE, _config, _metrics
 
 pytestmark = pytest.mark.e2e
 SEQUENCE = [1, *range(3, 40)]
@@ -34,7 +34,8 @@ def _vllm_logprobs(path):
 
 
 def test_opsd_lora_adapter_sync_checkpoint_export_resume(tmp_path, tiny_model):
-    cfg = _config(tmp_path, tiny_model, "learner.lora={rank: 8, alpha: 16}", f"run.cache_dir={tmp_path / 'cache'}",
+    cfg = _config(tmp_path, tiny_model, "learner.lora={rank: 8, alpha: 16, sync: adapter}",
+                  f"run.cache_dir={tmp_path / 'cache'}",
                   "learner.lr=1e-2", "run.eval_size=0")
     assert cfg.teacher.weights == "frozen"
     train(cfg)
