@@ -60,7 +60,7 @@ def test_evaluate_problems_by_hand(verifier):
     assert m["avg@3"] == pytest.approx((2 / 3 + 0) / 2)
     assert m["pass@k"] == pytest.approx({"1": 1 / 3, "2": (1 + 0) / 2, "3": 0.5})
     assert m["maj@3"] == pytest.approx(0.5)  # "5" wins p0; p1 ties 1-2 -> "1", wrong
-    assert m["status"] == {"correct": 2, "wrong": 3, "unparsable": 1, "timeout": 0, "error": 0}
+    assert m["status"] == {"correct": 2, "wrong": 3, "unparsable": 1, "refused": 0, "timeout": 0, "error": 0}
     assert m["health"]["length"] == pytest.approx(3.0) and m["health"]["truncation_rate"] == pytest.approx(1 / 3)
     assert m["health"]["reflection_rate"] == pytest.approx(1 / 6) and m["health"]["surprisal"] == pytest.approx(0.5)
     # batch_size=1: two calls, each sample gets its own seed (chunk start * k)
