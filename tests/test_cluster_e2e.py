@@ -1,9 +1,10 @@
 """A real two-node Ray cluster on loopback, and a training run submitted to it with `selfdistill submit`.
 
 The head (with its dashboard) carries resource node_a, the second node node_b; the config pins the
-rollout engine to node_a and the learner to node_b. The test asserts where the actors ran from the node
+rollout engine to node_a and the learner to node_b. A dry-run against the live cluster plans them there
+(starting nothing). The test asserts where the actors ran from the node
 ids the run records, that the job succeeded with metrics and a loadable checkpoint, that engine and
-learner agreed after every sync, that every socket the cluster and the job listened on was on
+learner agreed after every sync over the gloo collective transport (selfdistill/weights/collective.py), that every socket the cluster and the job listened on was on
 127.0.0.1, and that no process is left once the cluster is stopped.
 """
 
@@ -73,7 +74,14 @@ def test_submitted_run_on_two_loopback_nodes(tmp_path, monkeypatch):
             f"run.output_dir={tmp_path}", "run.name=two-node", "run.log_every=1",
             "placement.rollout.resources={node_a: 0.5}", "placement.teacher.resources={node_a: 0.5}",
             "placement.learner.resources={node_b: 1}",
+            "sync.transport=collective", "sync.backend=gloo", "sync.timeout_s=120",  # vLLM's weight-transfer API
         ]
+        dry = subprocess.run([str(Path(sys.executable).parent / "selfdistill"), "train", "--dry-run", *overrides,
+                              f"cluster.address={cluster.address}"], cwd=ROOT, capture_output=True, text=True)
+        assert dry.returncode == 0, dry.stderr[-3000:]
+        plan = {line.split()[0]: line.split()[1] for line in dry.stdout.splitlines() if line.startswith("  ")
+                and line.split()[0] in ("rollout/0", "teacher", "learner/0")}
+        assert plan == {"rollout/0": node_a_id[:10], "teacher": node_a_id[:10], "learner/0": node_b_id[:10]}, plan
         submit = subprocess.Popen(
             [str(Path(sys.executable).parent / "selfdistill"), "submit", *overrides,
              "--address", f"http://127.0.0.1:{dashboard}"],

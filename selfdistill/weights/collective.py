@@ -51,11 +51,24 @@ def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: 
     from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout)
+    # The master's store listens only on `address` (TCPStore alone would listen on every interface).
+    listen_fd = _listening_socket(address, port) if rank == 0 else None
+    store = TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout, master_listen_fd=listen_fd)
     options = ProcessGroupGloo._Options()
     options._devices = [ProcessGroupGloo.create_device(hostname=_local_address(address))]
     options._timeout = timeout
     return ProcessGroupGloo(PrefixStore("selfdistill-weights", store), rank, world_size, options)
+
+
+def _listening_socket(address: str, port: int) -> int:
+    """A socket listening on (address, port) only; its descriptor passes to the TCPStore that serves on it."""
+    import socket
+
+    sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((address, port))
+    sock.listen()
+    return sock.detach()
 
 
 def _local_address(master_address: str) -> str:
