@@ -9,7 +9,7 @@ import pytest
 
 from selfdistill.config import ConfigError, TrainConfig, load_config
 from selfdistill.launch import sizing
-from selfdistill.launch.placement import ClusterSpec, plan_placement
+from selfdistill.launch.placement import ClusterSpec, check_runnable, plan_placement
 
 GPU_CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/gpu/*/*.yaml"))
 
@@ -112,3 +112,13 @@ def test_dry_run_cli_prints_the_plan_and_refuses_by_field(capsys):
     assert "# resolved config" in out and "learner/7" in out and "node node1: 8/8 GPUs" in out
     assert main(["train", str(path), "--dry-run", "--cluster-spec", "nodes=1,gpus_per_node=8"]) == 2
     assert "placement.learner.gpus:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["placement.mode=colocated"], "placement.mode"),
+    (["placement.rollout.gpus=2"], "placement.rollout.gpus"),
+])
+def test_what_only_a_dry_run_can_plan_is_refused_before_a_run(overrides, field):
+    check_runnable(TrainConfig().placement)  # the default runs
+    with pytest.raises(ConfigError, match=re.escape(field) + ":"):
+        check_runnable(load_config(None, overrides).placement)

@@ -283,6 +283,18 @@ def _node_id(_actor) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
+def check_runnable(pc: PlacementConfig) -> None:
+    """Refuse, naming the field, what a dry-run plans but a run cannot do yet."""
+    from selfdistill.config import ConfigError
+
+    if pc.mode == "colocated":
+        raise ConfigError("placement.mode: colocated is planned (--dry-run) but cannot run yet: the engines' "
+                          "sleep/wake cycle around training is not wired; use separate")
+    if pc.rollout.gpus > 1:
+        raise ConfigError(f"placement.rollout.gpus: {pc.rollout.gpus} (tensor-parallel engines) is planned "
+                          f"(--dry-run) but cannot run yet: engines run vLLM's single-process executor; use 1")
+
+
 class RolePlacements:
     """One Ray placement group per role, granted or refused within `placement.timeout_s`; `options(role, i)`
     gives actor i of a role the scheduling strategy of its bundle (bundles ordered by node)."""
@@ -293,9 +305,7 @@ class RolePlacements:
 
         from selfdistill.config import ConfigError
 
-        if plan.mode == "colocated":
-            raise ConfigError("placement.mode: colocated is planned (--dry-run) but cannot run yet: the engines' "
-                              "sleep/wake cycle around training is not wired; use separate")
+        check_runnable(cfg.placement)
         self.plan, self.groups, self.order = plan, {}, {}
         for role in ("rollout", "teacher", "learner"):
             members = plan.role(role)
