@@ -12,10 +12,12 @@ cp /etc/resolv.conf "$rootfs/etc/resolv.conf"
 chroot "$rootfs" sh -c 'apt-get update -q && apt-get install -y -q --no-install-recommends python3 python3-venv \
   ca-certificates && update-ca-certificates && rm -rf /var/lib/apt/lists/*' >/dev/null
 ln -sf /usr/bin/python3 "$rootfs/usr/local/bin/python"
+# pip in a venv trusts certifi's bundle, not the system's: point it at the system bundle (with the proxy's CA).
+printf '[global]\ncert = /etc/ssl/certs/ca-certificates.crt\n' >"$rootfs/etc/pip.conf"
 links=${PIP_FIND_LINKS:-}
 if [[ -n $links && -d $links ]]; then
   mkdir -p "$rootfs/opt/wheels" && cp "$links"/*.whl "$rootfs/opt/wheels/"
-  printf '[global]\nfind-links = /opt/wheels\n' >"$rootfs/etc/pip.conf"
+  printf 'find-links = /opt/wheels\n' >>"$rootfs/etc/pip.conf"
 fi
 tar -C "$rootfs" -c . | docker import - python:3.11-slim
 echo "standin_base.sh: python:3.11-slim is a local stand-in ($(chroot "$rootfs" python3 --version))"
