@@ -125,7 +125,8 @@ def _peft_logprobs(path, tensors, sequence):
 
 
 def test_frozen_teacher_takes_no_bytes_and_ema_teacher_averages_the_adapter(base, tmp_path):
-    from selfdistill.config import SyncConfig, TeacherConfig
+    from selfdistill.config import TeacherConfig
+    from selfdistill.weights import ObjectStoreConfig
     from selfdistill.data.templates import PromptTemplates
     from selfdistill.teacher.actor import TeacherActor
 
@@ -134,10 +135,10 @@ def test_frozen_teacher_takes_no_bytes_and_ema_teacher_averages_the_adapter(base
             raise AssertionError("the frozen teacher read published weights")
 
     path, _ = _adapter(base, tmp_path)
-    frozen = TeacherActor(base, TeacherConfig(weights="frozen"), PromptTemplates(), 1.0, SyncConfig())
+    frozen = TeacherActor(base, TeacherConfig(weights="frozen"), PromptTemplates(), 1.0, ObjectStoreConfig())
     assert frozen.load_weights(Untouchable(), 1) == 0
 
-    ema = TeacherActor(path, TeacherConfig(weights="ema", ema_rate=0.75), PromptTemplates(), 1.0, SyncConfig())
+    ema = TeacherActor(path, TeacherConfig(weights="ema", ema_rate=0.75), PromptTemplates(), 1.0, ObjectStoreConfig())
     before = {n: p.detach().clone() for n, p in lora.published_parameters(ema.model).items()}
     new = _perturbed_adapter(path, seed=3)
     assert ema.load_weights([new], 1) == 1
