@@ -1,7 +1,9 @@
 """Surviving actor failures: a dead or hung rollout engine or teacher is replaced and its work redone.
 
 A replacement is built from the run's policy (or teacher) folder and, before it serves, loads
-the last published weights, so it holds the version every other receiver holds. The work the
+the last published weights (the object-store transport's buckets; the collective transports
+keep no copy, so there it holds the run's starting weights until the next publish), so it
+holds the version every other receiver holds; then the learner reconnects to the receivers. The work the
 dead actor had in flight is sent again (launch/collect.py): prompts keep their per-prompt
 seeds and teacher scoring is deterministic, so redone work equals what was lost. A verifier
 worker that dies mid-check has its answer checked again by a fresh worker
@@ -24,6 +26,7 @@ from selfdistill.config import FaultConfig
 from selfdistill.launch.processes import stop_actors
 from selfdistill.rollout.actor import RolloutActor
 from selfdistill.teacher.actor import TeacherActor
+from selfdistill.weights import WeightSyncError
 
 ACTOR_ERRORS = (RayActorError, GetTimeoutError)  # a dead actor, or one that did not answer in time
 ROLES = ("rollout", "teacher", "verifier", "learner")
@@ -88,11 +91,13 @@ class Faults:
             index = roles.engines.index(engine)
             stop_actors([engine], [roles.pids["rollout"][index]], timeout_s=30)
             cfg = roles.cfg
-            new = ray.remote(RolloutActor).options(num_cpus=cfg.rollout.num_cpus_per_engine).remote(
+            options = _placed(roles, "rollout", index, cfg.rollout.num_cpus_per_engine)
+            new = ray.remote(RolloutActor).options(**options).remote(
                 self.policy_path, cfg.rollout.engine, cfg.sync, self.start_version)
             pid = self._start(new, roles)
             roles.engines[index], roles.pids["rollout"][index] = new, pid
             self._replaced[engine] = new
+            self._reconnect(roles)
             return new
 
     def replace_teacher(self, roles, teacher, error: BaseException) -> None:
@@ -106,9 +111,10 @@ class Faults:
             self.failed("teacher", error)
             cfg = roles.cfg
             stop_actors([roles.teacher], [roles.pids["teacher"]], timeout_s=30)
-            new = ray.remote(TeacherActor).options(num_cpus=cfg.teacher.num_cpus).remote(
+            new = ray.remote(TeacherActor).options(**_placed(roles, "teacher", 0, cfg.teacher.num_cpus)).remote(
                 self.teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync, cfg.chat)
             roles.teacher, roles.pids["teacher"] = new, self._start(new, roles)
+            self._reconnect(roles)
 
     def retrying(self, roles, fn, *args):
         """`fn(*args)` (a call on every engine and the teacher, from the training thread); when it fails, replace
@@ -116,7 +122,7 @@ class Faults:
         while True:
             try:
                 return fn(*args)
-            except ACTOR_ERRORS as error:
+            except (*ACTOR_ERRORS, WeightSyncError) as error:
                 dead = [e for e in roles.engines if not self._answers(e)]
                 teacher = roles.teacher
                 teacher_dead = teacher is not None and not self._answers(teacher)
@@ -135,12 +141,23 @@ class Faults:
             ray.get(actor.load_weights.remote(handle, version), timeout=self.cfg.call_timeout_s)
         return pid
 
+    def _reconnect(self, roles) -> None:
+        """The learner sends the next versions to the receivers as they are now (the replacement included)."""
+        if roles.learner is not None and hasattr(roles.learner, "connect_weights"):
+            roles.learner.connect_weights(roles.receivers())
+
     def _answers(self, actor) -> bool:
         try:
             ray.get(actor.ready.remote(), timeout=self.cfg.probe_timeout_s)
             return True
         except ACTOR_ERRORS:
             return False
+
+
+def _placed(roles, role: str, index: int, num_cpus: float) -> dict:
+    """Actor options for a replacement: the bundle of the actor it replaces (its placement group holds the CPUs)."""
+    placements = getattr(roles, "placements", None)
+    return placements.options(role, index) if placements is not None else {"num_cpus": num_cpus}
 
 
 def _raise(error: BaseException):
