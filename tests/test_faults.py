@@ -37,7 +37,7 @@ def test_too_many_failures_stop_the_run_with_a_message():
         def note(self, message):
             self.last = message
 
-    faults = Faults(FaultConfig(max_failures=2, window_s=60), Quiet(), "policy", "teacher", 0)
+    faults = Faults(FaultConfig(max_failures=2, window_s=60), Quiet())
     faults.failed("rollout", RuntimeError("engine died"))
     faults.failed("rollout", RuntimeError("engine died"))
     assert faults.counts["rollout"] == 2 and "fault: rollout failed" in faults.console.last

@@ -24,8 +24,6 @@ from ray.exceptions import GetTimeoutError, RayActorError
 
 from selfdistill.config import FaultConfig
 from selfdistill.launch.processes import stop_actors
-from selfdistill.rollout.actor import RolloutActor
-from selfdistill.teacher.actor import TeacherActor
 from selfdistill.weights import WeightSyncError
 
 ACTOR_ERRORS = (RayActorError, GetTimeoutError)  # a dead actor, or one that did not answer in time
@@ -39,9 +37,8 @@ class RoleFailed(RuntimeError):
 class Faults:
     """The run's failure policy and counters; `replace_*` swap a dead actor for a fresh one (thread-safe)."""
 
-    def __init__(self, cfg: FaultConfig, console, policy_path: str, teacher_path: str, start_version: int):
+    def __init__(self, cfg: FaultConfig, console):
         self.cfg, self.console = cfg, console
-        self.policy_path, self.teacher_path, self.start_version = policy_path, teacher_path, start_version
         self.counts = {role: 0 for role in ROLES}
         self._recent: dict[str, deque] = defaultdict(deque)
         self._verifier_seen = 0
@@ -90,10 +87,7 @@ class Faults:
             self.failed("rollout", error)
             index = roles.engines.index(engine)
             stop_actors([engine], [roles.pids["rollout"][index]], timeout_s=30)
-            cfg = roles.cfg
-            options = _placed(roles, "rollout", index, cfg.rollout.num_cpus_per_engine)
-            new = ray.remote(RolloutActor).options(**options).remote(
-                self.policy_path, cfg.rollout.engine, cfg.sync, self.start_version)
+            new = roles.new_engine(index)
             pid = self._start(new, roles)
             roles.engines[index], roles.pids["rollout"][index] = new, pid
             self._replaced[engine] = new
@@ -109,10 +103,8 @@ class Faults:
             if roles.teacher is not teacher:  # the other thread replaced it already
                 return
             self.failed("teacher", error)
-            cfg = roles.cfg
             stop_actors([roles.teacher], [roles.pids["teacher"]], timeout_s=30)
-            new = ray.remote(TeacherActor).options(**_placed(roles, "teacher", 0, cfg.teacher.num_cpus)).remote(
-                self.teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync, cfg.chat)
+            new = roles.new_teacher()
             roles.teacher, roles.pids["teacher"] = new, self._start(new, roles)
             self._reconnect(roles)
 
@@ -143,7 +135,7 @@ class Faults:
 
     def _reconnect(self, roles) -> None:
         """The learner sends the next versions to the receivers as they are now (the replacement included)."""
-        if roles.learner is not None and hasattr(roles.learner, "connect_weights"):
+        if roles.learner is not None:
             roles.learner.connect_weights(roles.receivers())
 
     def _answers(self, actor) -> bool:
@@ -152,12 +144,6 @@ class Faults:
             return True
         except ACTOR_ERRORS:
             return False
-
-
-def _placed(roles, role: str, index: int, num_cpus: float) -> dict:
-    """Actor options for a replacement: the bundle of the actor it replaces (its placement group holds the CPUs)."""
-    placements = getattr(roles, "placements", None)
-    return placements.options(role, index) if placements is not None else {"num_cpus": num_cpus}
 
 
 def _raise(error: BaseException):

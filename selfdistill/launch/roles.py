@@ -36,12 +36,10 @@ class Roles:
         try:
             self.plan = plan_placement(cfg, ClusterSpec.live(), contexts)  # ConfigError before any actor starts
             self.placements = RolePlacements(cfg, self.plan)
-            self.engines = [ray.remote(RolloutActor).options(**self.placements.options("rollout", i)).remote(
-                policy_path, cfg.rollout.engine, cfg.sync, version) for i in range(cfg.rollout.num_engines)]
+            self.policy_path, self.teacher_path, self.start_version = policy_path, teacher_path, version
+            self.engines = [self.new_engine(i) for i in range(cfg.rollout.num_engines)]
             if contexts:
-                teacher_cls = ray.remote(TeacherActor).options(**self.placements.options("teacher", 0))
-                self.teacher = teacher_cls.remote(teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature,
-                                                  cfg.sync, cfg.chat)
+                self.teacher = self.new_teacher()
             self.learner = LearnerGroup(cfg, policy_path, resume_from, self.placements)  # starts while engines load
             self.pids["learner"] = self.learner.pids
             self.pids["rollout"] = ray.get([e.ready.remote() for e in self.engines])
@@ -54,6 +52,18 @@ class Roles:
         except BaseException:
             self.close()
             raise
+
+    def new_engine(self, index: int):
+        """A rollout actor in engine `index`'s bundle, holding the run's starting weights (at start, or to replace it)."""
+        options = self.placements.options("rollout", index)
+        return ray.remote(RolloutActor).options(**options).remote(self.policy_path, self.cfg.rollout.engine,
+                                                                  self.cfg.sync, self.start_version)
+
+    def new_teacher(self):
+        """A teacher actor in the teacher's bundle (at start, or to replace it)."""
+        cfg = self.cfg
+        return ray.remote(TeacherActor).options(**self.placements.options("teacher", 0)).remote(
+            self.teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync, cfg.chat)
 
     def __enter__(self) -> Roles:
         return self

@@ -68,7 +68,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
         console.status("starting Ray actors (vLLM engines, teacher, DeepSpeed ranks)")
         with Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start) as roles:
             (run_dir / "placement.json").write_text(json.dumps(roles.placement, indent=2))  # actor -> node id
-            faults = Faults(cfg.faults, console, policy, teacher, start)  # replaces actors that die (launch/faults.py)
+            faults = Faults(cfg.faults, console)  # replaces actors that die (launch/faults.py)
             before = state.get("eval_before") or held_out_eval(roles, eval_problems, cfg)
             accuracy_key = f"eval/avg@{cfg.run.eval_k}"
             console.note(f"held-out accuracy before training ({accuracy_key}): {before.get(accuracy_key, float('nan')):.3f} "
