@@ -127,3 +127,38 @@ def test_submitted_run_on_two_loopback_nodes(tmp_path, monkeypatch):
         time.sleep(0.2)
     left = [p.pid for p in seen.values() if alive(p.pid)]
     assert not left, f"processes left after the cluster stopped: {left}"
+
+
+@pytest.mark.e2e
+def test_colocated_engine_sleeps_while_the_learner_trains(tmp_path, tiny_model):
+    """Engine and learner rank in one shared bundle; every step the engine sleeps before the learner trains and
+    wakes in two stages around the weight update, in that order (vLLM's own sleep state recorded after each call:
+    on CPU sleep and wake_up free nothing, but the call sequence and the state are those of a GPU run)."""
+    import re
+
+    from selfdistill.config import load_config
+    from selfdistill.launch.train import train
+
+    cfg = load_config(None, [
+        f"model={{kind: pretrained, path: {tiny_model}}}", f"run.output_dir={tmp_path}", "run.name=colocated",
+        "run.steps=2", "run.save_every=0", "run.eval_size=4", "run.progress=false", "rollout.prompts_per_step=2",
+        "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=16", "sync.check_every=1", "learner.lr=1e-3",
+        "objective={name: grpo}", "placement.mode=colocated", "sync.transport=collective", "sync.backend=gloo",
+        "sync.timeout_s=120",
+    ])
+    summary = train(cfg)
+    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    cycle = re.compile(r"sleep \[asleep\],wake_up\(weights\) \[asleep\],start_weight_update \[asleep\],"
+                       r"(update_weights \[asleep\],)+finish_weight_update \[asleep\],wake_up\(kv_cache\)")
+    for r in rows:
+        calls = r["colocate/engine_calls"]["engine 0"]
+        first_sleep = calls.index("sleep [asleep]")
+        assert set(calls[:first_sleep]) <= {"generate", "sequence_logprobs"} and "generate" in calls[:first_sleep]
+        assert cycle.fullmatch(",".join(calls[first_sleep:])), calls  # nothing else between sleep and waking
+        assert r["sync/max_logprob_gap"] <= 1e-4, r
+        assert r["train/colocate_sleep_s"] >= 0 and r["sync/wake_kv_cache_s"] >= 0
+    assert summary["placement"]["rollout/0"] == summary["placement"]["learner/0"]
+    for pids in summary["pids"].values():
+        for pid in (pids if isinstance(pids, list) else [pids]):
+            assert pid is None or not alive(pid), f"actor process {pid} still alive after the run"

@@ -9,7 +9,7 @@ import pytest
 
 from selfdistill.config import ConfigError, TrainConfig, load_config
 from selfdistill.launch import sizing
-from selfdistill.launch.placement import ClusterSpec, check_runnable, plan_placement
+from selfdistill.launch.placement import COLOCATED_SHARE, ClusterSpec, NodeSpec, bundle_layout, plan_placement
 
 GPU_CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/gpu/*/*.yaml"))
 
@@ -66,7 +66,8 @@ def test_a_model_too_large_for_its_gpus_is_refused():
 
 def test_colocated_engines_share_the_learner_nodes():
     cfg = load_config(None, ["placement.mode=colocated", "placement.rollout.gpus=2", "placement.learner.gpus=1",
-                             "rollout.num_engines=4", "learner.num_ranks=8", "rollout.prompts_per_step=16"])
+                             "rollout.num_engines=4", "learner.num_ranks=8", "rollout.prompts_per_step=16",
+                             "sync.transport=ipc"])
     plan = plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=8"))
     learners = plan.role("learner")
     assert [e.node for e in plan.role("rollout")] == [learners[2 * i].node for i in range(4)]
@@ -115,10 +116,98 @@ def test_dry_run_cli_prints_the_plan_and_refuses_by_field(capsys):
 
 
 @pytest.mark.parametrize("overrides, field", [
-    (["placement.mode=colocated"], "placement.mode"),
-    (["placement.rollout.gpus=2"], "placement.rollout.gpus"),
+    (["rollout.max_staleness=1"], "rollout.max_staleness"),
+    (["rollout.engine.name=hf"], "rollout.engine.name"),
+    (["placement.learner.gpus=1"], "placement.rollout.gpus"),
+    (["placement.rollout.gpus=1", "placement.learner.gpus=1", "sync.transport=collective", "sync.backend=nccl"],
+     "sync.transport"),
+    (["learner.num_ranks=2"], "rollout.num_engines"),
 ])
-def test_what_only_a_dry_run_can_plan_is_refused_before_a_run(overrides, field):
-    check_runnable(TrainConfig().placement)  # the default runs
+def test_colocated_setups_that_cannot_run_are_refused_by_field(overrides, field):
+    """The same checks refuse them in a dry-run and before a run starts (both plan first)."""
+    spec = ClusterSpec.parse("nodes=1,gpus_per_node=8")
+    plan_placement(load_config(None, ["placement.mode=colocated", "objective={name: grpo}"]), spec)  # runs on CPU
     with pytest.raises(ConfigError, match=re.escape(field) + ":"):
-        check_runnable(load_config(None, overrides).placement)
+        plan_placement(load_config(None, ["placement.mode=colocated", "objective={name: grpo}", *overrides]), spec)
+
+
+def test_tensor_parallel_engines_need_a_transport_their_workers_receive():
+    spec = ClusterSpec.parse("nodes=1,gpus_per_node=8")
+    with pytest.raises(ConfigError, match=r"sync\.transport:.*Ray executor"):
+        plan_placement(load_config(None, ["placement.rollout.gpus=2"]), spec)
+    plan_placement(load_config(None, ["placement.rollout.gpus=2", "sync.transport=collective", "sync.backend=nccl"]),
+                   spec)
+
+
+def test_colocated_bundles_hold_a_learner_rank_and_a_share_of_an_engine():
+    cfg = load_config(None, ["placement.mode=colocated", "placement.rollout.gpus=2", "placement.learner.gpus=1",
+                             "rollout.num_engines=2", "learner.num_ranks=4", "sync.transport=ipc",
+                             "placement.rollout.resources={gpu_node: 0.1}", "placement.teacher.gpus=1"])
+    spec = ClusterSpec([NodeSpec("gpu0", 128, 8, 80, {"gpu_node": 1})], "test")
+    layout = bundle_layout(cfg, plan_placement(cfg, spec))
+    bundles, strategy, _ = layout.groups["colocated"]
+    assert strategy == "PACK" and [b["GPU"] for b in bundles] == [1.0] * 4  # vLLM's Ray executor: <= 1 GPU a bundle
+    assert [b["CPU"] for b in bundles] == [2.0, 1.0, 2.0, 1.0]  # an engine's CPUs in its first rank's bundle
+    assert [b.get("gpu_node") for b in bundles] == [0.1, None, 0.1, None]
+    learners = [layout.slots[("learner", r)] for r in range(4)]
+    assert [(s.bundle, s.gpus) for s in learners] == [(r, COLOCATED_SHARE) for r in range(4)]
+    engines = [layout.slots[("rollout", e)] for e in range(2)]
+    assert [(s.bundle, s.gpus, s.workers, s.worker_gpus) for s in engines] == [
+        (0, 0.0, [0, 1], COLOCATED_SHARE), (2, 0.0, [2, 3], COLOCATED_SHARE)]  # the workers hold the GPU shares
+    assert COLOCATED_SHARE * 2 <= 1.0  # a rank and a worker fit one GPU
+    assert layout.groups["teacher"][0] == [{"CPU": 1.0, "GPU": 1.0}]  # the teacher keeps its own GPU
+
+
+def test_colocated_cpu_engines_share_their_rank_bundle():
+    cfg = load_config(None, ["placement.mode=colocated", "rollout.num_engines=2", "learner.num_ranks=2",
+                             "rollout.prompts_per_step=4", "objective={name: grpo}"])
+    layout = bundle_layout(cfg, plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=0,cpus_per_node=4")))
+    assert list(layout.groups) == ["colocated"] and layout.groups["colocated"][0] == [{"CPU": 2.0}] * 2
+    assert [layout.slots[("rollout", e)].bundle for e in range(2)] == [0, 1]
+    assert all(s.gpus == 0.0 for s in layout.slots.values())
+
+
+def test_separate_tensor_parallel_engines_get_one_gpu_bundle_per_worker_on_one_node():
+    cfg = load_config(None, ["placement.rollout.gpus=4", "placement.learner.gpus=1", "rollout.num_engines=2",
+                             "learner.num_ranks=2", "sync.transport=collective", "sync.backend=nccl",
+                             "objective={name: grpo}", "placement.rollout.resources={node_a: 1}"])
+    spec = ClusterSpec([NodeSpec("a", 128, 8, 80, {"node_a": 2}), NodeSpec("b", 128, 8, 80)], "test")
+    plan = plan_placement(cfg, spec)
+    assert [a.node for a in plan.role("rollout")] == [0, 0] and [a.node for a in plan.role("learner")] == [1, 1]
+    layout = bundle_layout(cfg, plan)
+    for e in range(2):
+        bundles, strategy, _ = layout.groups[f"rollout/{e}"]
+        assert strategy == "STRICT_PACK"  # one node
+        assert bundles == [{"GPU": 1.0, "CPU": 1.0, "node_a": 1.0}] + [{"GPU": 1.0}] * 3
+        slot = layout.slots[("rollout", e)]
+        assert (slot.group, slot.gpus, slot.workers, slot.worker_gpus) == (f"rollout/{e}", 0.0, [0, 1, 2, 3], 1.0)
+    assert layout.groups["learner"][0] == [{"CPU": 1.0, "GPU": 1.0}] * 2
+
+
+def test_engine_args_of_a_tensor_parallel_colocated_engine_are_vllm_engine_args():
+    """What a GPU run hands vLLM for a planned engine (no GPU here to run it): the Ray executor over the engine's
+    bundles, sleep mode, the weight-transfer backend; every keyword is one of vLLM's EngineArgs fields."""
+    import dataclasses
+
+    from vllm.engine.arg_utils import EngineArgs
+
+    from selfdistill.rollout.base import EngineConfig, EngineExecutor
+    from selfdistill.rollout.vllm_internals import llm_args
+
+    cfg = load_config(None, ["placement.mode=colocated", "placement.rollout.gpus=2", "placement.learner.gpus=1",
+                             "rollout.num_engines=2", "learner.num_ranks=4", "sync.transport=ipc"])
+    layout = bundle_layout(cfg, plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=8")))
+    slot = layout.slots[("rollout", 1)]
+    executor = EngineExecutor(len(slot.workers), [7 - p for p in slot.workers], slot.worker_gpus)  # granted order
+    kwargs, env = llm_args("model", EngineConfig(kv_cache_gib=None), None, "ipc", executor, enable_sleep_mode=True)
+    assert kwargs["tensor_parallel_size"] == 2 and kwargs["distributed_executor_backend"] == "ray"
+    assert kwargs["enable_sleep_mode"] is True and kwargs["weight_transfer_config"] == {"backend": "ipc"}
+    assert env == {"VLLM_RAY_BUNDLE_INDICES": "5,4", "VLLM_RAY_PER_WORKER_GPUS": "0.5", "CUDA_VISIBLE_DEVICES": None}
+    assert set(kwargs) <= {f.name for f in dataclasses.fields(EngineArgs)}
+    EngineArgs(**kwargs)  # vLLM accepts them as engine arguments
+
+    single, env = llm_args("model", EngineConfig(), executor=None, enable_sleep_mode=False)
+    assert (single["tensor_parallel_size"], single["distributed_executor_backend"], env) == (1, "uni", {})
+    assert "enable_sleep_mode" not in single  # the CPU platform refuses sleep mode; its sleep calls do nothing
+    with pytest.raises(ValueError, match="one bundle per worker"):
+        llm_args("model", EngineConfig(), executor=EngineExecutor(2, [0], 1.0))

@@ -136,7 +136,7 @@ class Faults:
     def _reconnect(self, roles) -> None:
         """The learner sends the next versions to the receivers as they are now (the replacement included)."""
         if roles.learner is not None:
-            roles.learner.connect_weights(roles.receivers())
+            roles.learner.connect_weights(roles.receivers(), roles.receiver_ranks())
 
     def _answers(self, actor) -> bool:
         try:

@@ -4,9 +4,13 @@ Each role (rollout engines, teacher, learner ranks) asks for GPUs, CPUs and opti
 resources or node labels per actor. `plan_placement` lays the actors onto a `ClusterSpec` the way
 Ray's PACK placement groups do (first node with room, ranks of one role kept together) and refuses
 an impossible placement with a `ConfigError` naming the field, before any actor starts; a dry-run
-prints that plan. `RolePlacements` then makes one placement group per role, orders each group's
-bundles by node, and gives every actor the scheduling strategy of its bundle. Colocated mode
-(engines on the learner's GPUs) is planned and checked, but not run yet.
+prints that plan. `RolePlacements` then makes the placement groups of `bundle_layout` (one per role;
+one shared group in colocated mode; one per tensor-parallel engine in separate mode), orders each
+group's bundles by node, and gives every actor the scheduling strategy of its bundle.
+
+Colocated mode (as verl's hybrid engine and OpenRLHF's colocate_all_models): bundle r holds learner
+rank r and, every tensor-parallel-size ranks, an engine (or its vLLM workers), each asking for a
+share of the bundle's GPU; the engines sleep while the learner trains (launch/roles.py).
 
 The CPU default asks for no GPU, so it plans (and runs) exactly as a local cluster always did.
 """
@@ -49,8 +53,8 @@ class PlacementConfig(_Strict):
     mode: Literal["separate", "colocated"] = Field(
         "separate",
         description="separate: every role gets its own GPUs; colocated: rollout engines and learner ranks share "
-        "the same GPUs (engines sleep while the learner trains), so num_engines x engine GPUs must equal num_ranks "
-        "x learner GPUs.",
+        "the same GPUs (engines sleep while the learner trains, so rollout.max_staleness must be 0), so num_engines "
+        "x engine GPUs must equal num_ranks x learner GPUs (a CPU engine or rank counting as 1).",
     )
     rollout: EnginePlacement = Field(default_factory=EnginePlacement, description="Each rollout engine's resources.")
     teacher: RolePlacement = Field(default_factory=RolePlacement, description="The teacher actor's resources.")
@@ -167,13 +171,7 @@ def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = No
     if pc.rollout.gpus > max_node_gpus:
         raise ConfigError(f"placement.rollout.gpus: an engine's {pc.rollout.gpus} tensor-parallel GPUs must sit on "
                           f"one node, and the largest node has {max_node_gpus:g} ({spec.source})")
-    if pc.mode == "colocated":
-        engine_gpus, learner_gpus = cfg.rollout.num_engines * pc.rollout.gpus, cfg.learner.num_ranks * pc.learner.gpus
-        if pc.learner.gpus != 1 or engine_gpus != learner_gpus:
-            raise ConfigError(
-                f"rollout.num_engines: colocated mode needs num_engines x placement.rollout.gpus "
-                f"({cfg.rollout.num_engines} x {pc.rollout.gpus} = {engine_gpus}) equal to learner.num_ranks with "
-                f"placement.learner.gpus 1 ({cfg.learner.num_ranks} x {pc.learner.gpus} = {learner_gpus})")
+    check_modes(cfg)
     free = [{"CPU": n.cpus, "GPU": n.gpus, **n.resources} for n in spec.nodes]
     actors: list[ActorPlan] = []
 
@@ -207,7 +205,7 @@ def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = No
         for r in range(cfg.learner.num_ranks):
             place("learner", f"learner/{r}", cfg.learner.num_cpus_per_rank, pc.learner.gpus, pc.learner, learner_mem)
         for e in range(cfg.rollout.num_engines):
-            node = actors[e * pc.rollout.gpus].node
+            node = actors[e * max(pc.rollout.gpus, 1)].node
             place("rollout", f"rollout/{e}", cfg.rollout.num_cpus_per_engine, 0, pc.rollout, engine_mem, share=node)
             actors[-1].gpus = pc.rollout.gpus
     else:
@@ -221,6 +219,39 @@ def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = No
         place("teacher", "teacher", cfg.teacher.num_cpus, pc.teacher.gpus, pc.teacher, mem(sizing.teacher_memory))
     _check_memory(pc, spec, actors)
     return Plan(pc.mode, spec, actors)
+
+
+def check_modes(cfg) -> None:
+    """Refuse, naming the field, a colocated or tensor-parallel setup that cannot run (whatever the cluster)."""
+    from selfdistill.config import ConfigError
+
+    pc = cfg.placement
+    tp = pc.rollout.gpus
+    if tp > 1 and cfg.sync.transport == "object_store":
+        raise ConfigError(f"sync.transport: tensor-parallel engines (placement.rollout.gpus={tp}) run their workers "
+                          f"in vLLM's Ray executor, where the object store's in-process reload cannot reach; use "
+                          f"collective (backend nccl) or ipc")
+    if pc.mode != "colocated":
+        return
+    if cfg.rollout.max_staleness > 0:
+        raise ConfigError(f"rollout.max_staleness: colocated mode (placement.mode) needs 0 (got "
+                          f"{cfg.rollout.max_staleness}): an engine cannot generate while the learner holds its GPU")
+    if cfg.rollout.engine.name != "vllm":
+        raise ConfigError(f"rollout.engine.name: colocated mode (placement.mode) needs vllm (got "
+                          f"{cfg.rollout.engine.name!r}): the engines sleep while the learner trains")
+    if (tp == 0) != (pc.learner.gpus == 0):
+        raise ConfigError(f"placement.rollout.gpus: colocated engines and learner ranks both use GPUs or both CPUs "
+                          f"(placement.rollout.gpus={tp}, placement.learner.gpus={pc.learner.gpus})")
+    if tp and cfg.sync.transport == "collective" and cfg.sync.backend == "nccl":
+        raise ConfigError("sync.transport: NCCL cannot join two processes on one GPU (an engine and its learner "
+                          "rank); colocated engines on GPUs receive through ipc (or object_store)")
+    engine_slots, learner_slots = cfg.rollout.num_engines * max(tp, 1), cfg.learner.num_ranks * max(pc.learner.gpus, 1)
+    if pc.learner.gpus > 1 or engine_slots != learner_slots:
+        raise ConfigError(
+            f"rollout.num_engines: colocated mode needs num_engines x placement.rollout.gpus "
+            f"({cfg.rollout.num_engines} x {max(tp, 1)} = {engine_slots}) equal to learner.num_ranks with "
+            f"placement.learner.gpus at most 1 ({cfg.learner.num_ranks} x {max(pc.learner.gpus, 1)} = "
+            f"{learner_slots}); a CPU engine or rank counts as 1")
 
 
 CPU_FIELDS = {"rollout": "rollout.num_cpus_per_engine", "teacher": "teacher.num_cpus", "learner": "learner.num_cpus_per_rank"}
@@ -283,20 +314,77 @@ def _node_id(_actor) -> str:
     return ray.get_runtime_context().get_node_id()
 
 
-def check_runnable(pc: PlacementConfig) -> None:
-    """Refuse, naming the field, what a dry-run plans but a run cannot do yet."""
-    from selfdistill.config import ConfigError
+COLOCATED_SHARE = 0.5  # of a shared GPU bundle: the learner rank and the engine (or its tensor-parallel worker)
 
-    if pc.mode == "colocated":
-        raise ConfigError("placement.mode: colocated is planned (--dry-run) but cannot run yet: the engines' "
-                          "sleep/wake cycle around training is not wired; use separate")
-    if pc.rollout.gpus > 1:
-        raise ConfigError(f"placement.rollout.gpus: {pc.rollout.gpus} (tensor-parallel engines) is planned "
-                          f"(--dry-run) but cannot run yet: engines run vLLM's single-process executor; use 1")
+
+@dataclass
+class Slot:
+    """Where one actor goes: a bundle of a placement group, and what it asks for inside it."""
+
+    group: str  # key of its placement group in the layout
+    bundle: int  # position in that group's bundles once ordered by node
+    gpus: float  # the actor's own GPU request (a fraction of a shared bundle's GPU when colocated)
+    workers: list[int] = field(default_factory=list)  # tensor-parallel engine: its vLLM workers' bundle positions
+    worker_gpus: float = 1.0  # GPU request of each such worker
+
+
+@dataclass
+class Layout:
+    """The placement groups a run asks Ray for (bundles, strategy, node labels) and each actor's slot in them."""
+
+    groups: dict[str, tuple[list[dict], str, dict]]
+    slots: dict[tuple[str, int], Slot]
+
+
+def bundle_layout(cfg, plan: Plan) -> Layout:
+    """The placement groups of `plan`, one per role, except:
+
+    - colocated mode: one shared group, bundle r holding learner rank r and (for r a multiple of the tensor-parallel
+      size) an engine, each actor asking for `COLOCATED_SHARE` of the bundle's GPU;
+    - tensor-parallel engines (placement.rollout.gpus > 1): one bundle per GPU, vLLM's Ray executor putting one
+      worker into each; in separate mode every engine gets its own STRICT_PACK group, so its GPUs share a node.
+    """
+    pc = cfg.placement
+    tp = pc.rollout.gpus
+    groups, slots = {}, {}
+    if plan.mode == "colocated":
+        per_engine = max(tp, 1)  # learner ranks per engine
+        learners = plan.role("learner")
+        bundles = []
+        for r, rank in enumerate(learners):
+            bundle = {"CPU": rank.cpus, **({"GPU": float(rank.gpus)} if rank.gpus else {}), **rank.resources}
+            slots[("learner", r)] = Slot("colocated", r, COLOCATED_SHARE if rank.gpus else 0.0)
+            if r % per_engine == 0 and r // per_engine < cfg.rollout.num_engines:
+                e = r // per_engine
+                engine = plan.role("rollout")[e]
+                bundle["CPU"] += engine.cpus
+                for key, value in engine.resources.items():
+                    bundle[key] = max(bundle.get(key, 0.0), value)
+                if tp > 1:
+                    slots[("rollout", e)] = Slot("colocated", r, 0.0, list(range(r, r + tp)), COLOCATED_SHARE)
+                else:
+                    slots[("rollout", e)] = Slot("colocated", r, COLOCATED_SHARE if tp else 0.0)
+            bundles.append(bundle)
+        groups["colocated"] = (bundles, "PACK", {**pc.learner.labels, **pc.rollout.labels})
+    roles = ("teacher",) if plan.mode == "colocated" else ("rollout", "teacher", "learner")
+    for role in roles:
+        members = plan.role(role)
+        labels = getattr(pc, role).labels
+        if role == "rollout" and tp > 1:
+            for e, a in enumerate(members):
+                bundles = [{"GPU": 1.0, **({"CPU": a.cpus, **a.resources} if k == 0 else {})} for k in range(tp)]
+                groups[a.actor] = (bundles, "STRICT_PACK", labels)
+                slots[(role, e)] = Slot(a.actor, 0, 0.0, list(range(tp)), 1.0)
+        elif members:
+            groups[role] = ([{"CPU": a.cpus, **({"GPU": float(a.gpus)} if a.gpus else {}), **a.resources}
+                             for a in members], "PACK", labels)
+            for i, a in enumerate(members):
+                slots[(role, i)] = Slot(role, i, float(a.gpus))
+    return Layout(groups, slots)
 
 
 class RolePlacements:
-    """One Ray placement group per role, granted or refused within `placement.timeout_s`; `options(role, i)`
+    """The placement groups of `bundle_layout`, granted or refused within `placement.timeout_s`; `options(role, i)`
     gives actor i of a role the scheduling strategy of its bundle (bundles ordered by node)."""
 
     def __init__(self, cfg, plan: Plan):
@@ -305,16 +393,11 @@ class RolePlacements:
 
         from selfdistill.config import ConfigError
 
-        check_runnable(cfg.placement)
-        self.plan, self.groups, self.order = plan, {}, {}
-        for role in ("rollout", "teacher", "learner"):
-            members = plan.role(role)
-            if not members:
-                continue
-            bundles = [{"CPU": a.cpus, **({"GPU": float(a.gpus)} if a.gpus else {}), **a.resources} for a in members]
-            labels = getattr(cfg.placement, role).labels
-            self.groups[role] = placement_group(
-                bundles, strategy="PACK", name=f"selfdistill-{role}",
+        self.plan, self.groups, self.order, self.nodes = plan, {}, {}, {}
+        self.layout = bundle_layout(cfg, plan)
+        for name, (bundles, strategy, labels) in self.layout.groups.items():
+            self.groups[name] = placement_group(
+                bundles, strategy=strategy, name=f"selfdistill-{name.replace('/', '-')}",
                 bundle_label_selector=[dict(labels) for _ in bundles] if labels else None)
         try:
             ray.get([pg.ready() for pg in self.groups.values()], timeout=cfg.placement.timeout_s)
@@ -323,24 +406,44 @@ class RolePlacements:
             raise ConfigError(f"placement.timeout_s: the cluster did not grant placement groups for "
                               f"{list(self.groups)} within {cfg.placement.timeout_s:g} s (not enough free resources)"
                               ) from None
-        for role, pg in self.groups.items():
+        for name, pg in self.groups.items():
             nodes = placement_group_table(pg)["bundles_to_node_id"]
-            self.order[role] = sorted(nodes, key=lambda b: (nodes[b], b))  # ranks of one node stay together
+            self.order[name] = sorted(nodes, key=lambda b: (nodes[b], b))  # ranks of one node stay together
+            self.nodes[name] = nodes
+        for (role, index), slot in self.layout.slots.items():
+            on = {self.nodes[slot.group][self.order[slot.group][p]] for p in slot.workers}
+            if len(on) > 1:
+                self.remove()
+                raise ConfigError(f"placement.rollout.gpus: the {len(slot.workers)} tensor-parallel GPUs of "
+                                  f"rollout/{index} landed on {len(on)} nodes; each node's learner GPUs must be a "
+                                  f"multiple of placement.rollout.gpus")
 
     def options(self, role: str, index: int) -> dict:
         """Ray actor options that put actor `index` of `role` into its bundle."""
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        member = self.plan.role(role)[index]
-        strategy = PlacementGroupSchedulingStrategy(self.groups[role], placement_group_bundle_index=self.order[role][index])
-        return dict(num_cpus=member.cpus, num_gpus=float(member.gpus), scheduling_strategy=strategy)
+        member, slot = self.plan.role(role)[index], self.layout.slots[(role, index)]
+        strategy = PlacementGroupSchedulingStrategy(self.groups[slot.group],
+                                                    placement_group_bundle_index=self.order[slot.group][slot.bundle])
+        return dict(num_cpus=member.cpus, num_gpus=slot.gpus, scheduling_strategy=strategy)
+
+    def executor(self, index: int):
+        """How engine `index` runs vLLM (`rollout.base.EngineExecutor`): with tensor parallelism, its workers'
+        bundles as indices of its placement group."""
+        from selfdistill.rollout.base import EngineExecutor
+
+        slot = self.layout.slots[("rollout", index)]
+        if not slot.workers:
+            return EngineExecutor()
+        order = self.order[slot.group]
+        return EngineExecutor(len(slot.workers), [order[p] for p in slot.workers], slot.worker_gpus)
 
     def node_address(self, role: str, index: int) -> str:
         """IP address of the node that holds actor `index` of `role` (the learner's rendezvous host)."""
         import ray
-        from ray.util.placement_group import placement_group_table
 
-        node_id = placement_group_table(self.groups[role])["bundles_to_node_id"][self.order[role][index]]
+        slot = self.layout.slots[(role, index)]
+        node_id = self.nodes[slot.group][self.order[slot.group][slot.bundle]]
         return next(n["NodeManagerAddress"] for n in ray.nodes() if n["NodeID"] == node_id)
 
     def remove(self) -> None:

@@ -33,6 +33,7 @@ class Roles:
         self.paused, self.gate = False, threading.Condition()  # generation pauses while weights change
         self.pids: dict = {"rollout": [], "teacher": None, "learner": []}
         self.placements, self.placement = None, {}
+        self.colocated = cfg.placement.mode == "colocated"  # engines sleep while the learner trains
         try:
             self.plan = plan_placement(cfg, ClusterSpec.live(), contexts)  # ConfigError before any actor starts
             self.placements = RolePlacements(cfg, self.plan)
@@ -48,7 +49,7 @@ class Roles:
                                           **({"teacher": self.teacher} if self.teacher else {}),
                                           **{f"learner/{r}": a for r, a in enumerate(self.learner.actors)}})
             self.verifier = build_reward(cfg.reward)
-            self.learner.connect_weights(self.receivers())  # every receiver joins the weight transport
+            self.learner.connect_weights(self.receivers(), self.receiver_ranks())  # every receiver joins the transport
         except BaseException:
             self.close()
             raise
@@ -56,8 +57,9 @@ class Roles:
     def new_engine(self, index: int):
         """A rollout actor in engine `index`'s bundle, holding the run's starting weights (at start, or to replace it)."""
         options = self.placements.options("rollout", index)
-        return ray.remote(RolloutActor).options(**options).remote(self.policy_path, self.cfg.rollout.engine,
-                                                                  self.cfg.sync, self.start_version)
+        return ray.remote(RolloutActor).options(**options).remote(
+            self.policy_path, self.cfg.rollout.engine, self.cfg.sync, self.start_version,
+            self.placements.executor(index), self.colocated)
 
     def new_teacher(self):
         """A teacher actor in the teacher's bundle (at start, or to replace it)."""
@@ -115,7 +117,14 @@ class Roles:
             return self.teacher.score.remote([(t.problem, t.response_ids) for t in trajs], list(self.contexts), alpha)
 
     def train(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
-        return self.learner.train_step(trajs, scores)
+        """One learner step. Colocated, the engines first sleep (`sleep(level=1)`: weights offloaded, KV cache
+        dropped), giving the learner their GPUs; `publish` wakes them."""
+        if not self.colocated:
+            return self.learner.train_step(trajs, scores)
+        start = time.perf_counter()
+        self._engines("sleep")
+        slept = time.perf_counter() - start
+        return {**self.learner.train_step(trajs, scores), "colocate_sleep_s": slept}
 
     def publish(self, version: int) -> dict[str, float]:
         """Learner -> every engine and the (live or EMA) teacher; all hold `version` on return.
@@ -128,10 +137,34 @@ class Roles:
         """
         start = time.perf_counter()
         with self._generation_paused():
+            if self.colocated:  # the weights back on the GPU, then the update, then the KV cache
+                self._engines("wake_up", ["weights"])
+                woke = time.perf_counter()
             handle, stats = self.learner.publish(version)
+            if self.colocated:
+                synced = time.perf_counter()
+                self._engines("wake_up", ["kv_cache"])
+                stats.update({"sync/wake_weights_s": woke - start, "sync/wake_kv_cache_s": time.perf_counter() - synced,
+                              "colocate/engine_calls": self._engines("memory_calls")})
         stats["sync/learner_s"] = time.perf_counter() - start
         self.published = (handle, version)  # what a replacement actor loads before it serves (launch/faults.py)
         return stats
+
+    def _engines(self, method: str, *args) -> dict:
+        """Call `method` on every engine at once (bounded by sync.timeout_s); results by engine name."""
+        names = [f"engine {i}" for i in range(len(self.engines))]
+        refs = [getattr(e, method).remote(*args) for e in self.engines]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.cfg.sync.timeout_s)
+        if len(ready) < len(refs):
+            late = [name for name, ref in zip(names, refs) if ref not in ready]
+            raise WeightSyncError(f"{', '.join(late)} did not finish {method} within sync.timeout_s="
+                                  f"{self.cfg.sync.timeout_s:g} s")
+        return dict(zip(names, ray.get(refs)))
+
+    def receiver_ranks(self) -> dict[str, int]:
+        """Ranks each receiver takes in a collective group: an engine's tensor-parallel workers, else 1."""
+        tp = max(self.cfg.placement.rollout.gpus, 1)
+        return {name: tp for name in self.receivers() if name.startswith("engine ")}
 
     def receivers(self) -> dict:
         """The weight-sync receivers by name: every engine, and the teacher unless it is frozen."""

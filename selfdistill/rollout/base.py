@@ -9,7 +9,7 @@ after `load_weights`, `sequence_logprobs` must equal the learner's own log-probs
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import torch
@@ -81,6 +81,17 @@ class EngineConfig(BaseModel):
 
 
 @dataclass
+class EngineExecutor:
+    """How a vLLM engine runs its model: in the engine's own process (tensor_parallel_size 1), or over
+    `tensor_parallel_size` workers that vLLM's Ray executor starts in the bundles `bundle_indices` of the engine's
+    placement group, each asking for `worker_gpus` (a fraction when they share GPUs with learner ranks)."""
+
+    tensor_parallel_size: int = 1
+    bundle_indices: list[int] = field(default_factory=list)
+    worker_gpus: float = 1.0
+
+
+@dataclass
 class Sample:
     """One sampled response."""
 
@@ -110,13 +121,15 @@ class RolloutEngine(Protocol):
         ...
 
 
-def build_engine(cfg: EngineConfig, model_path: str, weight_transfer_backend: str | None = None) -> RolloutEngine:
+def build_engine(cfg: EngineConfig, model_path: str, weight_transfer_backend: str | None = None,
+                 executor: EngineExecutor | None = None, sleep_mode: bool = False) -> RolloutEngine:
     """The engine named by `cfg.name`, loaded from a Hugging Face model folder. A vLLM engine built with a
-    `weight_transfer_backend` receives weights through vLLM's weight-transfer API (see selfdistill/weights/)."""
+    `weight_transfer_backend` receives weights through vLLM's weight-transfer API (see selfdistill/weights/);
+    `executor` says how it runs (tensor parallel or not), `sleep_mode` lets it sleep while a colocated learner trains."""
     if cfg.name == "vllm":
         from selfdistill.rollout.vllm_engine import VLLMEngine
 
-        return VLLMEngine(model_path, cfg, weight_transfer_backend)
+        return VLLMEngine(model_path, cfg, weight_transfer_backend, executor, sleep_mode)
     from selfdistill.rollout.hf_engine import HFEngine
 
     return HFEngine(model_path, cfg)

@@ -15,22 +15,25 @@ from safetensors import safe_open
 
 from selfdistill.models import lora
 from selfdistill.rollout import vllm_internals as vi
-from selfdistill.rollout.base import EngineConfig, Sample, SamplingConfig
+from selfdistill.rollout.base import EngineConfig, EngineExecutor, Sample, SamplingConfig
 
 
 class VLLMEngine:
     """`RolloutEngine` on vLLM (see `rollout.base`)."""
 
-    def __init__(self, model_path: str, cfg: EngineConfig, weight_transfer_backend: str | None = None):
+    def __init__(self, model_path: str, cfg: EngineConfig, weight_transfer_backend: str | None = None,
+                 executor: EngineExecutor | None = None, sleep_mode: bool = False):
         self.adapter = None
         if lora.is_adapter(model_path):
             from selfdistill.rollout.lora_adapter import AdapterVersions
 
             rank = lora.adapter_settings(model_path)["r"]
-            self.llm = vi.make_llm(lora.base_model_path(model_path), cfg, max_lora_rank=rank)
+            self.llm = vi.make_llm(lora.base_model_path(model_path), cfg, max_lora_rank=rank, executor=executor,
+                                   sleep_mode=sleep_mode)
             self.adapter = AdapterVersions(self.llm, model_path)
         else:
-            self.llm = vi.make_llm(model_path, cfg, weight_transfer_backend=weight_transfer_backend)
+            self.llm = vi.make_llm(model_path, cfg, weight_transfer_backend=weight_transfer_backend, executor=executor,
+                                   sleep_mode=sleep_mode)
         self.checkpoint_names = _checkpoint_names(model_path)  # with an adapter: the adapter's tensors
 
     def generate(self, prompts: list[list[int]], sampling: SamplingConfig) -> list[list[Sample]]:

@@ -6,8 +6,10 @@ A vLLM upgrade should touch this file only. What is used, and why:
   in the caller's process, so `reload_weights` can take a Python iterator of tensors by
   reference, and a CPU engine starts in seconds instead of a minute. `make_llm` sets it
   before it imports vllm; nothing else here imports vllm at module level.
-- `vllm.LLM(...)` keyword arguments: `distributed_executor_backend="uni"` (one worker in
-  this process), `kv_cache_memory_bytes` (the CPU KV cache size; it replaces the legacy
+- `vllm.LLM(...)` keyword arguments (`llm_args`): `distributed_executor_backend="uni"` (one worker in
+  this process) or, tensor parallel, `"ray"` with `tensor_parallel_size` and the environment
+  variables `VLLM_RAY_BUNDLE_INDICES` / `VLLM_RAY_PER_WORKER_GPUS` (workers in the bundles of the
+  engine's placement group), `enable_sleep_mode` (GPU only), `kv_cache_memory_bytes` (the CPU KV cache size; it replaces the legacy
   `VLLM_CPU_KVCACHE_SPACE`, which, if set, still wins), `logprobs_mode`, and
   `weight_transfer_config` (vLLM's weight-transfer API, backend named by the weight transport).
 - `SamplingParams`: `logprobs=0` returns the sampled token's log-prob only;
@@ -30,6 +32,10 @@ A vLLM upgrade should touch this file only. What is used, and why:
   are keyed by the adapter's name, so versions never share KV), `llm_engine.remove_lora(id)`
   to drop a replaced version, and the model registry's class with `supports_lora` to refuse
   a model whose vLLM implementation has no LoRA path.
+- Sleep mode: `LLM.sleep(level=1)` (weights offloaded to CPU memory, KV cache dropped),
+  `LLM.wake_up(tags=["weights"])` and `wake_up(tags=["kv_cache"])`, `llm_engine.is_sleeping()`.
+  The executor keeps the sleeping tags, and the scheduler stays paused until every tag is awake.
+  On CPU the worker's sleep and wake_up do nothing, but that state is kept all the same.
 - RL weight-transfer API (`init_weight_transfer_engine`, `start_weight_update`,
   `update_weights`, `finish_weight_update(weight_version=...)`): the collective and IPC weight
   transports (selfdistill/weights/). With multiprocessing off the worker runs in this
@@ -52,7 +58,7 @@ if TYPE_CHECKING:
     from vllm.lora.request import LoRARequest
     from vllm.outputs import CompletionOutput
 
-    from selfdistill.rollout.base import EngineConfig, SamplingConfig
+    from selfdistill.rollout.base import EngineConfig, EngineExecutor, SamplingConfig
 
 FINISH_REASONS = ("stop", "length")
 
@@ -63,12 +69,36 @@ def configure_env() -> None:
 
 
 def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = None,
-             weight_transfer_backend: str | None = None) -> LLM:
+             weight_transfer_backend: str | None = None, executor: EngineExecutor | None = None,
+             sleep_mode: bool = False) -> LLM:
     """Build an in-process `vllm.LLM` for a Hugging Face model folder (serving one LoRA adapter at a time if
-    `max_lora_rank` is set)."""
+    `max_lora_rank` is set; tensor parallel over Ray workers if `executor` says so; able to sleep if `sleep_mode`)."""
     configure_env()
     from vllm import LLM
+    from vllm.platforms import current_platform
 
+    kwargs, env = llm_args(model_path, cfg, max_lora_rank, weight_transfer_backend, executor,
+                           sleep_mode and current_platform.is_sleep_mode_available())
+    for key, value in env.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+    return LLM(**kwargs)
+
+
+def llm_args(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = None,
+             weight_transfer_backend: str | None = None, executor: EngineExecutor | None = None,
+             enable_sleep_mode: bool = False) -> tuple[dict, dict[str, str | None]]:
+    """`vllm.LLM` keyword arguments, and the environment (None: unset) the engine process needs for them.
+
+    Tensor parallel (`executor.tensor_parallel_size` > 1): vLLM's Ray executor, which finds the engine
+    actor's placement group (`ray.util.get_current_placement_group`), starts one worker per bundle in
+    `VLLM_RAY_BUNDLE_INDICES`, each asking for `VLLM_RAY_PER_WORKER_GPUS`; the engine actor itself
+    holds no GPU, so `CUDA_VISIBLE_DEVICES` (which Ray sets empty for it) is unset.
+    `enable_sleep_mode` (GPU only: the CPU platform refuses it, and its sleep and wake_up calls do
+    nothing but keep the executor's sleep state) lets `sleep(level=1)` offload weights and drop the KV cache.
+    """
     kwargs = {}
     if max_lora_rank is not None:
         kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(max_lora_rank), max_loras=1)
@@ -76,7 +106,16 @@ def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = Non
         kwargs["kv_cache_memory_bytes"] = int(cfg.kv_cache_gib * 2**30)
     if weight_transfer_backend is not None:
         kwargs["weight_transfer_config"] = {"backend": weight_transfer_backend}
-    return LLM(
+    if enable_sleep_mode:
+        kwargs["enable_sleep_mode"] = True
+    env: dict[str, str | None] = {}
+    tp = executor.tensor_parallel_size if executor else 1
+    if tp > 1:
+        if len(executor.bundle_indices) != tp:
+            raise ValueError(f"tensor parallel size {tp} needs one bundle per worker, got {executor.bundle_indices}")
+        env = {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, executor.bundle_indices)),
+               "VLLM_RAY_PER_WORKER_GPUS": f"{executor.worker_gpus:g}", "CUDA_VISIBLE_DEVICES": None}
+    kwargs.update(
         model=model_path,
         dtype=cfg.dtype,
         seed=cfg.seed,
@@ -85,9 +124,25 @@ def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = Non
         enable_prefix_caching=cfg.enable_prefix_caching,
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         logprobs_mode=cfg.logprobs_mode,
-        distributed_executor_backend="uni",
-        **kwargs,
+        tensor_parallel_size=tp,
+        distributed_executor_backend="ray" if tp > 1 else "uni",
     )
+    return kwargs, env
+
+
+def sleep(llm: LLM) -> None:
+    """Offload the weights and drop the KV cache (level 1), freeing the GPU for a colocated learner."""
+    llm.sleep(level=1)
+
+
+def wake_up(llm: LLM, tag: str) -> None:
+    """Bring back one kind of memory: "weights" (before a weight update), then "kv_cache" (before generating)."""
+    llm.wake_up(tags=[tag])
+
+
+def is_sleeping(llm: LLM) -> bool:
+    """Whether any of the engine's memory is still asleep (vLLM's own state, kept on CPU too)."""
+    return llm.llm_engine.is_sleeping()
 
 
 def sampling_params(sampling: SamplingConfig, seed: int | None) -> SamplingParams:
