@@ -35,6 +35,34 @@ def test_missing_target_module_is_a_config_error_naming_the_field(base):
     lora.check_targets(lora.LoraConfig(target_modules=["q_proj", "down_proj"]), base)  # both exist
 
 
+@pytest.mark.parametrize("targets", ["[]", "q_proj", "[q_proj, '']"])
+def test_target_modules_not_a_name_list_is_a_config_error_naming_the_field(targets):
+    with pytest.raises(ConfigError, match=r"learner\.lora\.target_modules: .*non-empty list of module names"):
+        load_config(None, [f"learner.lora={{target_modules: {targets}}}"])
+
+
+def test_adapter_on_the_output_head_is_a_config_error_naming_the_field(base):
+    with pytest.raises(ConfigError, match=r"learner\.lora\.target_modules: \['lm_head'\] is the output head"):
+        lora.check_targets(lora.LoraConfig(target_modules=["q_proj", "lm_head"]), base)
+
+
+def test_resume_with_another_lora_setting_is_a_config_error_naming_the_field(base, tmp_path):
+    path, cfg = _adapter(base, tmp_path)  # all-linear, saved by PEFT as the full module names
+    lora.check_resume(cfg, path)
+    lora.check_resume(cfg.model_copy(update={"sync": "adapter", "dropout": 0.1}), path)  # serving and dropout may change
+    lora.check_resume(None, base)  # full weights, full fine-tuning
+    with pytest.raises(ConfigError, match=r"learner\.lora: .* holds a LoRA adapter \(r 4, alpha 8"):
+        lora.check_resume(None, path)
+    with pytest.raises(ConfigError, match=r"learner\.lora: .* holds full weights"):
+        lora.check_resume(cfg, base)
+    with pytest.raises(ConfigError, match=r"learner\.lora\.rank: .* was trained with rank 4 \(got 8\)"):
+        lora.check_resume(cfg.model_copy(update={"rank": 8}), path)
+    with pytest.raises(ConfigError, match=r"learner\.lora\.alpha: .* was trained with alpha 8"):
+        lora.check_resume(cfg.model_copy(update={"alpha": 16.0}), path)
+    with pytest.raises(ConfigError, match=r"learner\.lora\.target_modules: .* has adapters on \['down_proj', "):
+        lora.check_resume(cfg.model_copy(update={"target_modules": ["q_proj", "v_proj"]}), path)
+
+
 def test_initial_adapter_is_peft_format_and_equals_the_base(base, tmp_path):
     path, _ = _adapter(base, tmp_path)
     tensors = load_file(f"{path}/{lora.ADAPTER_WEIGHTS}")

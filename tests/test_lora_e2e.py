@@ -1,7 +1,12 @@
-"""OPSD with a LoRA adapter through the real stack (Ray, vLLM serving the adapter, DeepSpeed, the
-frozen base as teacher), its checkpoint, `selfdistill export --merged` and `--resume`."""
+"""OPSD with a LoRA adapter through the real stack (Ray, vLLM, DeepSpeed, a live teacher), in both sync modes.
 
-import json
+Two short runs on the tiny model, shared by the tests of this module: an adapter-sync run of two
+steps (vLLM serves base + adapter, the teacher takes the adapter), and a merged-sync run resumed
+from its step-1 checkpoint in a fresh run folder (engines and teacher start from the checkpoint
+merged into full weights, and receive full merged weights). Both serve the same policy (sync gap
+<= 1e-4 at every check), so the resumed run's step 2 equals the uninterrupted run's.
+"""
+
 from pathlib import Path
 
 import pytest
@@ -9,77 +14,100 @@ import torch
 from safetensors.torch import load_file
 
 from selfdistill.launch.cli import main as cli
-from selfdistill.launch.run_dir import latest_checkpoint
+from selfdistill.launch.run_dir import checkpoint_dir, latest_checkpoint
 from selfdistill.launch.train import train
 from selfdistill.models import lora
 from tests.test_e2e import SYNC_TOLERANCE, _config, _metrics
+from tests.test_resume_e2e import WEIGHT_TOLERANCE
 
 pytestmark = pytest.mark.e2e
 SEQUENCE = [1, *range(3, 40)]
 
 
+def _lora_run(out: Path, model: Path, sync: str, *overrides: str):
+    cfg = _config(out, model, f"learner.lora={{rank: 8, alpha: 16, sync: {sync}}}", f"run.cache_dir={out / 'cache'}",
+                  "teacher.weights=live", "run.steps=2", "run.save_every=1", "run.eval_size=0",
+                  "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=16", "learner.lr=1e-2", *overrides)
+    train(cfg)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def adapter_run(tmp_path_factory, tiny_model):
+    return _lora_run(tmp_path_factory.mktemp("adapter"), tiny_model, "adapter")
+
+
+@pytest.fixture(scope="module")
+def merged_resumed(tmp_path_factory, tiny_model, adapter_run):
+    """The adapter run stopped after step 1 and resumed with merged sync for step 2."""
+    return _lora_run(tmp_path_factory.mktemp("merged"), tiny_model, "merged",
+                     f"run.resume={checkpoint_dir(adapter_run.run_dir, 1)}")
+
+
 @torch.no_grad()
-def _hf_logprobs(model, sequence):
+def _hf_logprobs(model, sequence=SEQUENCE):
     ids = torch.tensor([sequence])
     return model(input_ids=ids).logits[0, :-1].log_softmax(-1).gather(-1, ids[0, 1:, None]).squeeze(-1)
 
 
-def _vllm_logprobs(path):
-    from selfdistill.rollout.base import EngineConfig, build_engine
-
-    engine = build_engine(EngineConfig(enforce_eager=True, kv_cache_gib=0.25, max_model_len=128), str(path))
-    out = torch.tensor(engine.sequence_logprobs([SEQUENCE])[0])
-    del engine
-    return out
+def _full_bytes(model: Path) -> int:
+    return sum(t.numel() * 4 for t in load_file(model / "model.safetensors").values())
 
 
-def test_opsd_lora_adapter_sync_checkpoint_export_resume(tmp_path, tiny_model):
-    cfg = _config(tmp_path, tiny_model, "learner.lora={rank: 8, alpha: 16, sync: adapter}",
-                  f"run.cache_dir={tmp_path / 'cache'}",
-                  "learner.lr=1e-2", "run.eval_size=0")
-    assert cfg.teacher.weights == "frozen"
-    train(cfg)
-    rows = _metrics(cfg.run_dir)
-    full_bytes = sum(t.numel() * 4 for t in load_file(tiny_model / "model.safetensors").values())
-    ckpt = latest_checkpoint(cfg.run_dir)
-    adapter = load_file(ckpt / lora.ADAPTER_WEIGHTS)
+def _assert_synced(rows: list[dict], steps: list[int]) -> None:
+    """Every step's sync landed, and the engines (and a live teacher) started from the learner's policy."""
+    assert [r["step"] for r in rows] == steps
+    assert rows[0]["sync/start_gap"] <= SYNC_TOLERANCE, rows[0]
     for r in rows:
-        assert r["sync/max_logprob_gap"] <= SYNC_TOLERANCE, r  # the engine serves exactly the learner's adapter
-        assert r["sync/bytes"] == sum(t.numel() * 4 for t in adapter.values()) < full_bytes / 5
-    # the checkpoint is a PEFT adapter folder next to the trainer state; it moved away from B = 0
-    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
-    assert lora.base_model_path(ckpt) == str(Path(tiny_model).resolve())
-    assert any(not torch.all(t == 0) for n, t in adapter.items() if "lora_B" in n)
+        assert r["sync/max_logprob_gap"] <= SYNC_TOLERANCE, r
 
+
+def test_adapter_sync_ships_only_the_adapter_and_lands_every_step(adapter_run, tiny_model):
+    rows = _metrics(adapter_run.run_dir)
+    _assert_synced(rows, [1, 2])
+    adapter = load_file(latest_checkpoint(adapter_run.run_dir) / lora.ADAPTER_WEIGHTS)
+    for r in rows:
+        assert r["sync/bytes"] == sum(t.numel() * 4 for t in adapter.values()) < _full_bytes(tiny_model) / 5
+
+
+def test_adapter_checkpoint_loads_with_peft_and_exports_merged(adapter_run, tiny_model, tmp_path):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    peft_lp = _hf_logprobs(PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), ckpt), SEQUENCE)
-    base_lp = _hf_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model), SEQUENCE)
-    assert (peft_lp - base_lp).abs().max() > 1e-3  # training changed the policy
+    ckpt = latest_checkpoint(adapter_run.run_dir)
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json"} <= {p.name for p in ckpt.iterdir()}
+    assert lora.base_model_path(ckpt) == str(Path(tiny_model).resolve())
+    assert any(not torch.all(t == 0) for n, t in load_file(ckpt / lora.ADAPTER_WEIGHTS).items() if "lora_B" in n)
+    peft_model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), ckpt)
+    peft_lp = _hf_logprobs(peft_model)
+    assert (peft_lp - _hf_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model))).abs().max() > 1e-3  # it trained
 
     merged = tmp_path / "merged"
-    assert cli(["export", str(cfg.run_dir), "--merged", str(merged)]) == 0
-    merged_lp = _hf_logprobs(AutoModelForCausalLM.from_pretrained(merged), SEQUENCE)
-    for other in (merged_lp, _vllm_logprobs(merged), _vllm_logprobs(ckpt)):
-        assert (other - peft_lp).abs().max() <= SYNC_TOLERANCE
-
-    # --resume continues the adapter and its optimizer state
-    resumed = cfg.model_copy(update={"run": cfg.run.model_copy(update={"steps": 4})})
-    train(resumed, ckpt)
-    rows = _metrics(cfg.run_dir)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert rows[-1]["sync/max_logprob_gap"] <= SYNC_TOLERANCE
+    assert cli(["export", str(adapter_run.run_dir), "--merged", str(merged)]) == 0
+    assert (_hf_logprobs(AutoModelForCausalLM.from_pretrained(merged)) - peft_lp).abs().max() <= SYNC_TOLERANCE
+    exported, want = load_file(merged / "model.safetensors"), peft_model.merge_and_unload().state_dict()
+    for name, tensor in exported.items():
+        torch.testing.assert_close(tensor, want[name], rtol=0, atol=1e-6)
 
 
-def test_opsd_lora_merged_sync_live_teacher(tmp_path, tiny_model):
-    """merged: the learner folds the adapter into full weights for engines and teacher (ZeRO-3 gathers: see
-    test_lora.py's two-rank test)."""
-    cfg = _config(tmp_path, tiny_model, "learner.lora={rank: 8, alpha: 16, sync: merged}", "teacher.weights=live",
-                  "run.steps=2", "run.eval_size=0", f"run.cache_dir={tmp_path / 'cache'}")
-    train(cfg)
-    full_bytes = sum(t.numel() * 4 for t in load_file(tiny_model / "model.safetensors").values())
-    for r in _metrics(cfg.run_dir):
-        assert r["sync/max_logprob_gap"] <= SYNC_TOLERANCE, r
-        assert r["sync/bytes"] == full_bytes  # merged: the full weights travel
-    assert json.loads((latest_checkpoint(cfg.run_dir) / "adapter_config.json").read_text())["r"] == 8
+def test_merged_resume_ships_full_weights_and_equals_the_uninterrupted_run(adapter_run, merged_resumed, tiny_model,
+                                                                          tmp_path):
+    """Engines and teacher start from the step-1 checkpoint merged (what `export --merged` writes), the learner
+    from its adapter and optimizer state; step 2 then equals the run that never stopped."""
+    rows = _metrics(merged_resumed.run_dir)
+    _assert_synced(rows, [2])
+    assert rows[0]["sync/bytes"] == _full_bytes(tiny_model)  # merged: the full weights travel
+    assert rows[0]["train/loss"] == pytest.approx(_metrics(adapter_run.run_dir)[1]["train/loss"], abs=1e-5)
+    want, got = (load_file(checkpoint_dir(r.run_dir, 2) / lora.ADAPTER_WEIGHTS) for r in (adapter_run, merged_resumed))
+    assert want.keys() == got.keys()
+    gaps = {k: float((want[k] - got[k]).abs().max()) for k in want}
+    assert max(gaps.values()) <= WEIGHT_TOLERANCE, sorted(gaps.items(), key=lambda kv: -kv[1])[:3]
+    assert lora.adapter_settings(checkpoint_dir(merged_resumed.run_dir, 2))["r"] == 8
+
+    # the folder the engines and teacher were built from is the checkpoint's merged export
+    [served] = (Path(merged_resumed.run.cache_dir) / "merged").iterdir()
+    exported = tmp_path / "exported"
+    assert cli(["export", str(checkpoint_dir(adapter_run.run_dir, 1)), "--merged", str(exported)]) == 0
+    a, b = load_file(served / "model.safetensors"), load_file(exported / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+

@@ -23,6 +23,8 @@ from selfdistill.models import lora
 def policy_paths(cfg: TrainConfig, initial_model: str, resume_from: Path | None) -> tuple[str, str]:
     """(policy folder for the engines and learner, teacher folder)."""
     lc = cfg.learner.lora
+    if resume_from:
+        lora.check_resume(lc, resume_from)
     if lc is None:
         policy = str(resume_from) if resume_from else initial_model
     else:
@@ -31,8 +33,7 @@ def policy_paths(cfg: TrainConfig, initial_model: str, resume_from: Path | None)
         if lc.sync == "adapter":
             policy = str(resume_from) if resume_from else str(_initial_adapter(cfg, initial_model, cache))
         elif resume_from:
-            merged = cache / "merged" / f"{cfg.run.name}-{resume_from.name}"
-            policy = str(merged if (merged / "config.json").is_file() else lora.export_merged(str(resume_from), merged))
+            policy = str(_merged_checkpoint(resume_from, cache))
         else:
             policy = initial_model
     ema = str(resume_from / "teacher") if resume_from else policy
@@ -56,13 +57,27 @@ def check_lora(cfg: TrainConfig, base: str) -> None:
             raise ConfigError(str(e)) from None
 
 
+def _merged_checkpoint(checkpoint: Path, cache: Path) -> Path:
+    """The adapter checkpoint merged into a full folder, cached by its base and adapter bytes (another run's
+    checkpoint of the same name and step is another entry)."""
+    digest = hashlib.sha256(lora.base_model_path(checkpoint).encode())
+    digest.update((checkpoint / lora.ADAPTER_WEIGHTS).read_bytes())
+    return _cached(cache / "merged" / digest.hexdigest()[:16], "config.json",
+                   lambda tmp: lora.export_merged(str(checkpoint), tmp))
+
+
 def _initial_adapter(cfg: TrainConfig, base: str, cache: Path) -> Path:
     """A fresh adapter for this base, LoRA config and seed (B = 0: it equals the base), cached by those."""
     key = json.dumps([str(Path(base).resolve()), cfg.learner.lora.model_dump(mode="json"), cfg.run.seed],
                      sort_keys=True)
-    folder = cache / "adapters" / hashlib.sha256(key.encode()).hexdigest()[:16]
-    if not lora.is_adapter(folder):
+    return _cached(cache / "adapters" / hashlib.sha256(key.encode()).hexdigest()[:16], lora.ADAPTER_CONFIG,
+                   lambda tmp: lora.write_initial_adapter(cfg.learner.lora, base, tmp, cfg.run.seed))
+
+
+def _cached(folder: Path, marker: str, build) -> Path:
+    """`folder` once it holds `marker`; else `build` writes it into a temporary sibling, renamed when complete."""
+    if not (folder / marker).is_file():
         tmp = folder.with_name(folder.name + ".tmp")
-        lora.write_initial_adapter(cfg.learner.lora, base, tmp, cfg.run.seed)
+        build(tmp)
         tmp.rename(folder)
     return folder

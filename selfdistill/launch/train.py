@@ -82,6 +82,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                     alpha = exposure.alpha(step) if "partial" in contexts else None
                 return collect_batch(roles, sampler, cfg, sampling, alpha, faults)
 
+            # the engines (and a live teacher) start from the learner's policy: on resume, the checkpoint's
+            start_gap = {"sync/start_gap": faults.retrying(roles, roles.sync_gap, probe)} if cfg.sync.check_every else {}
             saves = [s for s in range(start + 1, cfg.run.steps + 1) if _saves_at(cfg, s)]
             pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness, saves)
             with console.progress(cfg.run.steps, start) as bar, pipeline:
@@ -104,6 +106,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                         metrics.update(faults.retrying(roles, held_out_eval, roles, eval_problems, cfg))
                     if cfg.sync.check_every and step % cfg.sync.check_every == 0:
                         metrics["sync/max_logprob_gap"] = faults.retrying(roles, roles.sync_gap, probe)
+                    if step == start + 1:
+                        metrics.update(start_gap)
                     log.write(step, metrics)
                     bar.advance(step, metrics)
                     if _saves_at(cfg, step):

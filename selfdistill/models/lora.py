@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -47,6 +47,15 @@ class LoraConfig(BaseModel):
         "slower, which costs more per step than the smaller sync saves (docs/performance.md).",
     )
 
+    @field_validator("target_modules", mode="before")
+    @classmethod
+    def _names_or_all_linear(cls, value):
+        if value == "all-linear":
+            return value
+        if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+            raise ValueError("a non-empty list of module names (e.g. [q_proj, v_proj]) or all-linear")
+        return value
+
 
 def peft_config(cfg: LoraConfig, base_path: str):
     """The PEFT `LoraConfig` for `cfg` on the base model at `base_path`."""
@@ -71,27 +80,66 @@ def base_model_path(path: str | Path) -> str:
     return adapter_settings(path)["base_model_name_or_path"] if is_adapter(path) else str(path)
 
 
-def linear_module_names(base_path: str) -> list[str]:
-    """Names of the base model's linear layers (built on the meta device: no weights are read)."""
+def linear_module_names(base_path: str) -> tuple[list[str], str | None]:
+    """Names of the base model's linear layers, and of its output head (built on the meta device: no weights read)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(base_path))
-    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    head = model.get_output_embeddings()
+    names = {m: name for name, m in model.named_modules()}
+    return [name for m, name in names.items() if isinstance(m, torch.nn.Linear)], names.get(head)
+
+
+def _targeted(targets: list[str] | str, names: list[str], head: str | None) -> set[str]:
+    """The linear modules `targets` (names matched as suffixes, or all-linear) puts an adapter on."""
+    if targets == "all-linear":
+        return {n for n in names if n != head}
+    return {n for n in names if any(n == t or n.endswith("." + t) for t in targets)}
 
 
 def check_targets(cfg: LoraConfig, base_path: str) -> None:
-    """Raise ConfigError naming learner.lora.target_modules when the model lacks one of them."""
+    """Raise ConfigError naming learner.lora.target_modules when the model lacks one of them, or one is its
+    output head (PEFT would save the whole head with the adapter; with tied embeddings a merge changes both)."""
     if cfg.target_modules == "all-linear":
         return
     from selfdistill.config import ConfigError
 
-    names = linear_module_names(base_path)
-    missing = [t for t in cfg.target_modules if not any(n == t or n.endswith("." + t) for n in names)]
+    names, head = linear_module_names(base_path)
+    missing = [t for t in cfg.target_modules if not _targeted([t], names, head)]
     if missing:
         kinds = sorted({n.rsplit(".", 1)[-1] for n in names})
         raise ConfigError(f"learner.lora.target_modules: the model at {base_path} has no linear module named "
                           f"{missing}; its linear layers are {kinds} (or use all-linear)")
+    on_head = [t for t in cfg.target_modules if head in _targeted([t], names, head)]
+    if on_head:
+        raise ConfigError(f"learner.lora.target_modules: {on_head} is the output head ({head}) of the model at "
+                          f"{base_path}; adapters go on the transformer's linear layers (all-linear leaves the head out)")
+
+
+def check_resume(cfg: LoraConfig | None, checkpoint: Path) -> None:
+    """Raise ConfigError naming the learner.lora field when the config would not continue the checkpoint's
+    policy: full weights with LoRA, an adapter without it, or another rank, alpha or set of target modules."""
+    from selfdistill.config import ConfigError
+
+    if not is_adapter(checkpoint):
+        if cfg is not None:
+            raise ConfigError(f"learner.lora: {checkpoint} holds full weights (trained without learner.lora); "
+                              f"resume it without learner.lora")
+        return
+    saved = adapter_settings(checkpoint)
+    if cfg is None:
+        raise ConfigError(f"learner.lora: {checkpoint} holds a LoRA adapter (r {saved['r']}, alpha "
+                          f"{saved['lora_alpha']}); resume it with the learner.lora it was trained with")
+    for field, key in (("rank", "r"), ("alpha", "lora_alpha")):
+        if getattr(cfg, field) != saved[key]:
+            raise ConfigError(f"learner.lora.{field}: {checkpoint} was trained with {field} {saved[key]} "
+                              f"(got {getattr(cfg, field)})")
+    names, head = linear_module_names(base_model_path(checkpoint))
+    trained = _targeted(saved["target_modules"], names, head)
+    if _targeted(cfg.target_modules, names, head) != trained:
+        raise ConfigError(f"learner.lora.target_modules: {checkpoint} has adapters on "
+                          f"{sorted({n.rsplit('.', 1)[-1] for n in trained})} (got {cfg.target_modules})")
 
 
 def write_initial_adapter(cfg: LoraConfig, base_path: str, out: Path, seed: int) -> Path:
