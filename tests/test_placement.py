@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -211,3 +212,8 @@ def test_engine_args_of_a_tensor_parallel_colocated_engine_are_vllm_engine_args(
     assert "enable_sleep_mode" not in single  # the CPU platform refuses sleep mode; its sleep calls do nothing
     with pytest.raises(ValueError, match="one bundle per worker"):
         llm_args("model", EngineConfig(), executor=EngineExecutor(2, [0], 1.0))
+    if "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:  # CPU: vLLM's multiprocess workers, cores split between them
+        cpu, env = llm_args("model", EngineConfig(), executor=EngineExecutor(2), ray_executor=False)
+        assert (cpu["tensor_parallel_size"], cpu["distributed_executor_backend"]) == (2, "mp")
+        parts = env["VLLM_CPU_OMP_THREADS_BIND"].split("|")
+        assert len(parts) == 2 and all(parts) and {int(c) for p in parts for c in p.split(",")} <= os.sched_getaffinity(0)

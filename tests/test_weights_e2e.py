@@ -5,12 +5,14 @@
   teacher scoring exactly as the learner after every sync.
 - A receiver killed in the middle of a transfer makes the send raise, naming it, within
   `sync.timeout_s`; nothing hangs.
+- A tensor-parallel engine (2 workers) receives through the same collective, one rank per worker.
 """
 
 import os
 import signal
 import time
 
+import psutil
 import pytest
 import ray
 import torch
@@ -96,3 +98,56 @@ def test_receiver_killed_mid_transfer_is_named_within_the_timeout(tiny_model):
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_tensor_parallel_engine_receives_at_one_collective_rank_per_worker(tiny_model):
+    """A rollout engine over 2 tensor-parallel workers (vLLM's multiprocess executor on CPU; the Ray executor on
+    GPUs) takes weights through the gloo collective with each worker its own rank (the learner's client counts 2
+    ranks for it), and then scores exactly as transformers does with those weights."""
+    from transformers import AutoModelForCausalLM
+
+    from selfdistill.rollout.actor import RolloutActor
+    from selfdistill.rollout.base import EngineConfig, EngineExecutor
+
+    cfg = CollectiveConfig(backend="gloo", timeout_s=120.0, bucket_mb=0.05)
+    state = load_file(tiny_model / "model.safetensors")
+    meta = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+    generator = torch.Generator().manual_seed(0)
+    new = {n: t + 0.05 * torch.randn(t.shape, generator=generator) for n, t in state.items()}
+    sequence = [1, 5, 9, 2, 7, 3, 11, 4]
+
+    def reference(weights) -> list[float]:
+        model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
+        model.load_state_dict(weights, strict=False)
+        logits = model(torch.tensor([sequence])).logits[0, :-1].log_softmax(-1)
+        return logits.gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0].tolist()
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
+    pid, workers = None, []
+    try:
+        engine = EngineConfig(enforce_eager=True, kv_cache_gib=0.1, max_model_len=64)
+        actor = ray.remote(RolloutActor).options(num_cpus=2).remote(str(tiny_model), engine, cfg, 0, EngineExecutor(2))
+        pid = ray.get(actor.ready.remote())
+        workers = psutil.Process(pid).children(recursive=True)  # vLLM's worker processes
+        tp = ray.get(actor.__ray_call__.remote(
+            lambda a: a.engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size))
+        assert tp == 2
+        before = ray.get(actor.sequence_logprobs.remote([sequence]))[0]
+        assert max(abs(a - b) for a, b in zip(before, reference(state))) <= 1e-4
+        receivers = Receivers({"engine 0": actor}, {"engine 0": 2}, timeout_s=cfg.timeout_s)
+        assert receivers.world_size == 3  # the sender and both workers
+        sender = build_sender(cfg, 0, receivers)
+        sender.connect(Weights(meta, lambda: [new]))
+        sender.send(Weights(meta, lambda: [{n: t} for n, t in new.items()]), version=1)
+        after = ray.get(actor.sequence_logprobs.remote([sequence]))[0]
+        assert max(abs(a - b) for a, b in zip(after, reference(new))) <= 1e-4
+        assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3  # the update changed what it scores
+        assert ray.get(actor.weight_version.remote()) == 1
+    finally:
+        ray.shutdown()
+        if pid is not None and alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(alive(w.pid) for w in workers):
+        time.sleep(0.2)
+    assert len(workers) >= 2 and not [w.pid for w in workers if alive(w.pid)], "worker processes left behind"

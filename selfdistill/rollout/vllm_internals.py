@@ -78,7 +78,8 @@ def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = Non
     from vllm.platforms import current_platform
 
     kwargs, env = llm_args(model_path, cfg, max_lora_rank, weight_transfer_backend, executor,
-                           sleep_mode and current_platform.is_sleep_mode_available())
+                           sleep_mode and current_platform.is_sleep_mode_available(),
+                           ray_executor=bool(current_platform.ray_device_key))
     for key, value in env.items():
         if value is None:
             os.environ.pop(key, None)
@@ -89,13 +90,16 @@ def make_llm(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = Non
 
 def llm_args(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = None,
              weight_transfer_backend: str | None = None, executor: EngineExecutor | None = None,
-             enable_sleep_mode: bool = False) -> tuple[dict, dict[str, str | None]]:
+             enable_sleep_mode: bool = False, ray_executor: bool = True) -> tuple[dict, dict[str, str | None]]:
     """`vllm.LLM` keyword arguments, and the environment (None: unset) the engine process needs for them.
 
-    Tensor parallel (`executor.tensor_parallel_size` > 1): vLLM's Ray executor, which finds the engine
-    actor's placement group (`ray.util.get_current_placement_group`), starts one worker per bundle in
-    `VLLM_RAY_BUNDLE_INDICES`, each asking for `VLLM_RAY_PER_WORKER_GPUS`; the engine actor itself
-    holds no GPU, so `CUDA_VISIBLE_DEVICES` (which Ray sets empty for it) is unset.
+    Tensor parallel (`executor.tensor_parallel_size` > 1) on GPUs (`ray_executor`): vLLM's Ray executor,
+    which finds the engine actor's placement group (`ray.util.get_current_placement_group`), starts one
+    worker per bundle in `VLLM_RAY_BUNDLE_INDICES`, each asking for `VLLM_RAY_PER_WORKER_GPUS`; the
+    engine actor itself holds no GPU, so `CUDA_VISIBLE_DEVICES` (which Ray sets empty for it) is unset.
+    On CPU (no Ray device: vLLM's Ray executor refuses the platform) the workers are vLLM's
+    multiprocess executor's, each bound to its share of this process's cores (`VLLM_CPU_OMP_THREADS_BIND`,
+    "0|1": vLLM's own binding wants one NUMA node per worker).
     `enable_sleep_mode` (GPU only: the CPU platform refuses it, and its sleep and wake_up calls do
     nothing but keep the executor's sleep state) lets `sleep(level=1)` offload weights and drop the KV cache.
     """
@@ -111,10 +115,17 @@ def llm_args(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = Non
     env: dict[str, str | None] = {}
     tp = executor.tensor_parallel_size if executor else 1
     if tp > 1:
-        if len(executor.bundle_indices) != tp:
-            raise ValueError(f"tensor parallel size {tp} needs one bundle per worker, got {executor.bundle_indices}")
-        env = {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, executor.bundle_indices)),
-               "VLLM_RAY_PER_WORKER_GPUS": f"{executor.worker_gpus:g}", "CUDA_VISIBLE_DEVICES": None}
+        if ray_executor:
+            if len(executor.bundle_indices) != tp:
+                raise ValueError(f"tensor parallel size {tp} needs one bundle per worker, got "
+                                 f"{executor.bundle_indices}")
+            env = {"VLLM_RAY_BUNDLE_INDICES": ",".join(map(str, executor.bundle_indices)),
+                   "VLLM_RAY_PER_WORKER_GPUS": f"{executor.worker_gpus:g}", "CUDA_VISIBLE_DEVICES": None}
+        elif "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            cores = sorted(os.sched_getaffinity(0))
+            share = max(1, len(cores) // tp)
+            env = {"VLLM_CPU_OMP_THREADS_BIND": "|".join(
+                ",".join(map(str, cores[i * share:(i + 1) * share] or cores[-1:])) for i in range(tp))}
     kwargs.update(
         model=model_path,
         dtype=cfg.dtype,
@@ -125,7 +136,7 @@ def llm_args(model_path: str, cfg: EngineConfig, max_lora_rank: int | None = Non
         gpu_memory_utilization=cfg.gpu_memory_utilization,
         logprobs_mode=cfg.logprobs_mode,
         tensor_parallel_size=tp,
-        distributed_executor_backend="ray" if tp > 1 else "uni",
+        distributed_executor_backend=("ray" if ray_executor else "mp") if tp > 1 else "uni",
     )
     return kwargs, env
 

@@ -98,7 +98,9 @@ def _gloo_broadcast(group) -> Callable[[torch.Tensor], None]:
 # ---------------------------------------------------------------- the gloo backend, in vLLM's classes
 
 def register_gloo() -> None:
-    """Register the gloo backend with vLLM's worker and trainer factories (once per process)."""
+    """Register the gloo backend with vLLM's worker and trainer factories (once per process). Also the package's
+    `vllm.general_plugins` entry point: vLLM runs it in every process it starts, so the workers of a
+    tensor-parallel engine (spawned, not forked, inside a Ray actor) know the backend too."""
     from vllm.distributed.weight_transfer.factory import WeightTransferEngineFactory, WeightTransferTrainerFactory
 
     for factory, cls in ((WeightTransferEngineFactory, "GlooWeightTransferEngine"),
