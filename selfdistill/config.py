@@ -239,6 +239,11 @@ class FaultConfig(Strict):
         "waited on are treated as failed (replaced, their work redone).",
     )
     start_timeout_s: float = Field(600.0, gt=0, description="Longest wait for a replacement actor to start.")
+    learner_timeout_s: float = Field(
+        3600.0, gt=0, description="Longest wait for a learner call (a train step, a checkpoint save, a log-prob "
+        "pass); a rank that dies or does not answer in time is named and the run stops (exit code 3) with the last "
+        "complete checkpoint intact, to continue with --resume auto.",
+    )
     probe_timeout_s: float = Field(
         60.0, gt=0, description="After a failed weight publish, how long each receiver has to answer a liveness probe."
     )

@@ -9,8 +9,9 @@ seeds and teacher scoring is deterministic, so redone work equals what was lost.
 worker that dies mid-check has its answer checked again by a fresh worker
 (rewards/deadline_pool.py). Every failure is counted (`fault/<role>` in metrics.jsonl) and
 printed; more than `faults.max_failures` failures of one role within `faults.window_s` stop
-the run with `RoleFailed` instead of looping. A learner failure stops the run (`RoleFailed`)
-with the last checkpoint intact, to be continued with `--resume`.
+the run with `RoleFailed` instead of looping. A learner rank that dies or does not answer in
+time stops the run (`LearnerFailed`, a `RoleFailed` naming the rank, learner/group.py) with the
+last checkpoint intact, to be continued with `--resume auto`.
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ class Faults:
         """Run a stage that cannot be redone here (the learner): an actor failure stops the run cleanly."""
         try:
             return fn(*args)
+        except RoleFailed:  # the learner group names the rank that died or hung (learner/group.py)
+            self.counts[role] += 1
+            raise
         except ACTOR_ERRORS as error:
             self.counts[role] += 1
             raise RoleFailed(f"the {role} role failed ({type(error).__name__}); the run stops here and the last "
@@ -136,7 +140,7 @@ class Faults:
     def _reconnect(self, roles) -> None:
         """The learner sends the next versions to the receivers as they are now (the replacement included)."""
         if roles.learner is not None:
-            roles.learner.connect_weights(roles.receivers(), roles.receiver_ranks())
+            roles.learner.connect_weights(roles.receivers())
 
     def _answers(self, actor) -> bool:
         try:

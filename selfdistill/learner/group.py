@@ -1,4 +1,9 @@
-"""The learner ranks as one handle: fan calls out, shard whole prompt groups across ranks."""
+"""The learner ranks as one handle: fan calls out, shard whole prompt groups across ranks.
+
+Every call on the ranks is bounded: a rank that dies or does not answer within its timeout
+(`faults.learner_timeout_s`; publishing and connecting: `sync.timeout_s` + 30 s; starting:
+`faults.start_timeout_s`) raises `LearnerFailed` naming the rank, and the run stops cleanly.
+"""
 
 from __future__ import annotations
 
@@ -6,12 +11,17 @@ import socket
 import time
 
 import ray
+from ray.exceptions import RayActorError, RayTaskError
 
 from selfdistill.config import TrainConfig
+from selfdistill.launch.faults import RoleFailed
 from selfdistill.learner.actor import LearnerActor
 from selfdistill.learner.batching import micro_batch_plan, shard_groups
 from selfdistill.records import TeacherScores, Trajectory
-from selfdistill.weights import WeightSyncError
+
+
+class LearnerFailed(RoleFailed):
+    """A learner rank died or did not answer in time; the run stops (the last complete checkpoint is intact)."""
 
 
 def _free_port() -> int:
@@ -31,7 +41,9 @@ class LearnerGroup:
                    for r in range(n)]
         self.actors = [ray.remote(LearnerActor).options(**options[rank]).remote(
             cfg, model_path, rank, n, port, resume_from, master) for rank in range(n)]
-        self.pids = ray.get([a.ready.remote() for a in self.actors])
+        self.pids: list = [None] * n
+        self.pids = self._bounded([a.ready.remote() for a in self.actors], "starting", cfg.faults.start_timeout_s,
+                                  "faults.start_timeout_s")
 
     def train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
         """Whole prompt groups to each rank; every rank makes as many micro-batch passes as the busiest one."""
@@ -42,36 +54,57 @@ class LearnerGroup:
         refs = [actor.train_step.remote([trajs[i] for i in shard], [scores[i] for i in shard] if scores else None,
                                         num_micro_batches)
                 for actor, shard in zip(self.actors, shards)]
-        results = ray.get(refs)
+        results = self._learner_call(refs, "the train step")
         return {k: sum(r[k] for r in results) / len(results) for k in results[0]}
 
     def connect_weights(self, receivers: dict, workers: dict[str, int] | None = None) -> None:
         """Join the weight transport with the named receiver actors (bounded by `sync.timeout_s`)."""
-        self._bounded([a.connect_weights.remote(receivers, workers) for a in self.actors], "connecting to receivers")
+        self._sync_call([a.connect_weights.remote(receivers, workers) for a in self.actors], "connecting to receivers")
 
     def publish(self, version: int):
         """Gather and send weights to every receiver; returns rank 0's (transport handle, byte and bucket counts).
 
-        Raises `WeightSyncError` naming the receiver that failed or the learner rank that did not finish in time.
+        Raises `WeightSyncError` naming a receiver that failed, `LearnerFailed` naming a rank that died or did not
+        finish in time.
         """
-        return self._bounded([a.publish.remote(version) for a in self.actors], f"publishing version {version}")[0]
+        return self._sync_call([a.publish.remote(version) for a in self.actors], f"publishing version {version}")[0]
 
-    def _bounded(self, refs: list, what: str) -> list:
+    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
+        return self._learner_call([a.sequence_logprobs.remote(sequences) for a in self.actors], "a log-prob pass")[0]
+
+    def save_checkpoint(self, path: str, client_state: dict) -> None:
+        self._learner_call([a.save_checkpoint.remote(path, client_state) for a in self.actors],
+                           f"saving the checkpoint {path}")
+
+    def _learner_call(self, refs: list, what: str) -> list:
+        return self._bounded(refs, what, self.cfg.faults.learner_timeout_s, "faults.learner_timeout_s")
+
+    def _sync_call(self, refs: list, what: str) -> list:
         # The ranks bound their own receivers' calls by sync.timeout_s; the margin lets their errors (which name
         # the receiver) arrive first.
-        deadline = time.monotonic() + self.cfg.sync.timeout_s + 30
+        return self._bounded(refs, what, self.cfg.sync.timeout_s + 30, "sync.timeout_s (+30 s)")
+
+    def _bounded(self, refs: list, what: str, timeout_s: float, field: str) -> list:
+        """Every rank's result of `refs` (one per rank); the first error surfaces at once. A rank whose process
+        died, or that has not answered `timeout_s` after the call, raises `LearnerFailed` naming it."""
+        deadline = time.monotonic() + timeout_s
         pending = list(refs)
         while pending:
             ready, pending = ray.wait(pending, num_returns=1, timeout=max(0.0, deadline - time.monotonic()))
             if not ready:
-                ranks = [refs.index(r) for r in pending]
-                raise WeightSyncError(f"learner ranks {ranks} did not finish {what} within sync.timeout_s="
-                                      f"{self.cfg.sync.timeout_s:g} s (+30 s)")
-            ray.get(ready[0])  # an error, naming the receiver, surfaces at once
+                late = ", ".join(self._rank(refs.index(r)) for r in pending)
+                raise LearnerFailed(f"{late} did not finish {what} within {field}={timeout_s:g} s; the run stops "
+                                    f"here and the last complete checkpoint is intact: continue with --resume auto")
+            try:
+                ray.get(ready[0])
+            except RayActorError as error:
+                if isinstance(error, RayTaskError):  # raised inside a live rank (e.g. by a receiver it called)
+                    raise
+                raise LearnerFailed(f"{self._rank(refs.index(ready[0]))} died during {what} "
+                                    f"({type(error).__name__}); the run stops here and the last complete "
+                                    f"checkpoint is intact: continue with --resume auto") from error
         return ray.get(refs)
 
-    def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
-        return ray.get([a.sequence_logprobs.remote(sequences) for a in self.actors])[0]
-
-    def save_checkpoint(self, path: str, client_state: dict) -> None:
-        ray.get([a.save_checkpoint.remote(path, client_state) for a in self.actors])
+    def _rank(self, rank: int) -> str:
+        pid = self.pids[rank]
+        return f"learner rank {rank}" + (f" (pid {pid})" if pid is not None else "")
