@@ -1,11 +1,12 @@
-"""Input checks before any actor starts: long prompts skipped or refused, tokenizers that cannot write the templates."""
+"""Input checks before any actor starts: long prompts skipped or refused, tokenizers that cannot write the templates,
+models that cannot fit the memory the config gives them."""
 
 from __future__ import annotations
 
 import pytest
 
 from selfdistill.config import ConfigError, load_config
-from selfdistill.launch.inputs import check_tokenizer, fit_prompts
+from selfdistill.launch.inputs import check_memory, check_tokenizer, fit_prompts
 from selfdistill.models.tokenizer import build_char_tokenizer
 from selfdistill.records import Problem
 
@@ -58,3 +59,30 @@ def test_a_tokenizer_without_eos_is_refused():
     tokenizer.eos_token = None
     with pytest.raises(ConfigError, match="tokenizer of model/ has no EOS token"):
         check_tokenizer(tokenizer, _cfg(), _problem("p"), (), "model/")
+
+
+QWEN3_8B = "model={kind: pretrained, path: Qwen/Qwen3-8B}"  # a known shape (launch/sizing.py), no download
+
+
+def test_cpu_roles_that_cannot_fit_the_host_ram_are_refused():
+    check_memory(_cfg(), ("full",))  # the default job fits this machine
+    cfg = _cfg(QWEN3_8B)
+    with pytest.raises(ConfigError, match=r"model: the CPU roles need about \d+\.\d GiB together \(rollout/0 "
+                                          r"\d+\.\d, teacher \d+\.\d, learner/0 \d+\.\d GiB.*this machine has "
+                                          r"64\.0 GiB of RAM available"):
+        check_memory(cfg, ("full",), host_gib=64.0)
+    huge = _cfg("model.kind=tiny", "model.shape.hidden_size=65536", "model.shape.num_layers=64",
+                "model.shape.num_heads=64")  # terabytes: more than any machine's RAM
+    with pytest.raises(ConfigError, match=r"GiB of RAM available"):
+        check_memory(huge, ("full",))
+    check_memory(cfg.model_copy(update={"cluster": cfg.cluster.model_copy(update={"address": "auto"})}), ("full",),
+                 host_gib=64.0)  # a joined cluster's CPU actors run on nodes this machine cannot see
+
+
+def test_a_role_that_cannot_fit_its_gpu_is_refused():
+    on_gpus = (QWEN3_8B, "placement.learner.gpus=1", "placement.rollout.gpus=1", "learner.dtype=bfloat16",
+               "rollout.engine.dtype=bfloat16", "rollout.prompts_per_step=8")
+    with pytest.raises(ConfigError, match=r"placement.learner.gpus: learner/0 needs about 1\d\d\.\d GiB per GPU "
+                                          r"\(ZeRO-1 over 1 ranks, bfloat16\) and the GPU has 80\.0 GiB"):
+        check_memory(_cfg(*on_gpus), (), host_gib=1e6, gpu_gib=80.0)
+    check_memory(_cfg(*on_gpus, "learner.num_ranks=8", "learner.zero_stage=3"), (), host_gib=1e6, gpu_gib=80.0)
