@@ -27,7 +27,7 @@ CFG = WarmStartConfig(steps=3, batch_size=4, warmup=1, eval_size=4)
 
 
 def test_warm_start_writes_caches_and_loads(tmp_path, monkeypatch):
-    folder = ensure_warm_start(TASK, PromptTemplates(), SHAPE, CFG, tmp_path, progress=False)
+    folder = ensure_warm_start(TASK, PromptTemplates(), SHAPE, CFG, tmp_path, progress=None)
     assert folder.parent == tmp_path and folder.name == f"warmstart-{cache_key(TASK, PromptTemplates(), SHAPE, CFG)}"
     assert [p.name for p in tmp_path.iterdir()] == [folder.name]  # no temp folder left behind
     report = json.loads((folder / "warmstart.json").read_text())
@@ -44,7 +44,7 @@ def test_warm_start_writes_caches_and_loads(tmp_path, monkeypatch):
         raise AssertionError("cached warm start was rebuilt")
 
     monkeypatch.setattr(warmstart, "_build", no_retraining)
-    assert ensure_warm_start(TASK, PromptTemplates(), SHAPE, CFG, tmp_path, progress=False) == folder
+    assert ensure_warm_start(TASK, PromptTemplates(), SHAPE, CFG, tmp_path, progress=None) == folder
     assert (folder / "model.safetensors").stat().st_mtime_ns == mtime
 
 
@@ -61,7 +61,7 @@ def test_interrupted_warm_start_leaves_no_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr(warmstart, "sft_loss_sum", fail_on_second_step)
     with pytest.raises(KeyboardInterrupt):
-        ensure_warm_start(TASK, PromptTemplates(), SHAPE, CFG, tmp_path, progress=False)
+        ensure_warm_start(TASK, PromptTemplates(), SHAPE, CFG, tmp_path, progress=None)
     assert calls == 3
     assert list(tmp_path.iterdir()) == []
 

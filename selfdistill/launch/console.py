@@ -31,9 +31,11 @@ class Console:
         self.rich.print(f"  {message}")
 
     @contextmanager
-    def progress(self, total: int, start: int):
+    def progress(self, total: int, start: int, label: str = "train", every: int | None = None):
+        """A bar over steps start+1..total (plain lines every `every` steps, default the console's, off a terminal)."""
+        every = every or self.every
         bar = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
+            TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=self.rich, disable=not self.live,
         )
         task = bar.add_task("train", total=total, completed=start, info="")
@@ -43,9 +45,9 @@ class Console:
             def advance(_, step: int, metrics: dict) -> None:
                 info = "  ".join(f"{short} {metrics[k]:.3f}" for k, short in SHOWN.items() if k in metrics)
                 bar.update(task, completed=step, info=info)
-                if not self.live and (step % self.every == 0 or step in (start + 1, total)):
-                    self.rich.print(plain_line(step, total, info, (time.monotonic() - began) / (step - start)),
-                                    soft_wrap=True)
+                if not self.live and (step % every == 0 or step in (start + 1, total)):
+                    line = plain_line(step, total, info, (time.monotonic() - began) / (step - start))
+                    self.rich.print(line if label == "train" else f"{label} {line}", soft_wrap=True)
 
         with bar:
             yield _Handle()

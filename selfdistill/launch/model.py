@@ -29,7 +29,8 @@ def prepare_model(cfg: TrainConfig, console) -> str:
 
         console.status("warm start: supervised stage on plain and privileged prompts (cached after the first run)")
         path = ensure_warm_start(cfg.data, cfg.templates, cfg.model.shape, cfg.model.warm_start,
-                                 Path(cfg.run.cache_dir), progress=cfg.run.progress)
+                                 Path(cfg.run.cache_dir),
+                                 progress=lambda total: console.progress(total, 0, "warm start", max(1, total // 10)))
         return str(path)
     if cfg.model.kind == "gguf":
         from selfdistill.models.gguf import GgufError, convert_gguf

@@ -18,12 +18,12 @@ import re
 import shutil
 import tempfile
 import time
+from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal
+from typing import Any, Callable, ContextManager, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from selfdistill.data.arithmetic import ArithmeticTaskConfig, detour, generate_problems
@@ -36,6 +36,7 @@ WARMSTART_VERSION = 3
 NUM_THREADS = 2
 IGNORE_INDEX = -100
 _BOXED_INT = re.compile(r"\\boxed\{\s*(-?\d+)\s*\}")
+ProgressFactory = Callable[[int], ContextManager[Any]]
 
 
 class TinyModelConfig(BaseModel):
@@ -108,9 +109,12 @@ def ensure_warm_start(
     model: TinyModelConfig,
     cfg: WarmStartConfig,
     cache_dir: Path,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
 ) -> Path:
     """Return the warm-started model folder, training and caching it on the first call.
+
+    `progress(total)` opens a progress display whose `.advance(step, metrics)` is called every
+    step (the run's console); None trains silently.
 
     The folder is built in a temporary directory next to its final place and renamed when
     complete, so an interrupted run never leaves a partial `warmstart-<hash>` folder.
@@ -135,7 +139,7 @@ def ensure_warm_start(
 
 def _build(
     task: ArithmeticTaskConfig, templates: PromptTemplates, shape: TinyModelConfig, cfg: WarmStartConfig, out: Path,
-    progress: bool,
+    progress: ProgressFactory | None,
 ) -> None:
     threads = torch.get_num_threads()
     torch.set_num_threads(NUM_THREADS)
@@ -203,7 +207,7 @@ def train_sft(
     problems: list[Problem],
     templates: PromptTemplates,
     cfg: WarmStartConfig,
-    progress: bool = True,
+    progress: ProgressFactory | None = None,
 ) -> float:
     """Train `model` in place for `cfg.steps` steps; return the mean loss of the last 20 steps."""
     rng = random.Random(cfg.seed)
@@ -218,11 +222,8 @@ def train_sft(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
     recent: list[float] = []
-    columns = (TextColumn("warm start"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
-               TimeElapsedColumn())
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task_id = bar.add_task("sft", total=cfg.steps, loss="-")
-        for _ in range(cfg.steps):
+    with progress(cfg.steps) if progress else nullcontext() as bar:
+        for step in range(1, cfg.steps + 1):
             # One forward per context: full prompts are about twice as long as plain ones, so
             # padding them together would waste a quarter of the compute.
             by_context: dict[str, list[tuple[list[int], list[int]]]] = {}
@@ -246,7 +247,8 @@ def train_sft(
             optimizer.step()
             scheduler.step()
             recent = (recent + [loss.item()])[-20:]
-            bar.update(task_id, advance=1, loss=f"{loss.item():.4f}")
+            if bar is not None:
+                bar.advance(step, {"train/loss": loss.item()})
     model.eval()
     return sum(recent) / len(recent)
 

@@ -242,9 +242,11 @@ def teacher_student_kl(teacher: TeacherTensors, student_logprobs: Tensor, mask: 
 
 @torch.no_grad()
 def common_metrics(x: ObjectiveInputs, contexts: Iterable[str]) -> dict[str, float]:
-    """Student mean token entropy and `teacher_student_kl/<context>` for each context given."""
+    """Student mean token entropy, and `teacher_entropy/<context>` and `teacher_student_kl/<context>` for each
+    context given."""
     metrics = {"entropy": masked_mean(token_entropy(x.student_logprobs), x.mask).item()}
     for context in contexts:
+        metrics[f"teacher_entropy/{context}"] = masked_mean(x.teacher[context].entropy, x.mask).item()
         kl = teacher_student_kl(x.teacher[context], x.student_logprobs, x.mask)
         if kl is not None:
             metrics[f"teacher_student_kl/{context}"] = kl
