@@ -1,9 +1,12 @@
 """Surviving actor failures: a dead or hung rollout engine or teacher is replaced and its work redone.
 
-A replacement is built from the run's policy (or teacher) folder and, before it serves, loads
-the last published weights (the object-store transport's buckets; the collective transports
-keep no copy, so there it holds the run's starting weights until the next publish), so it
-holds the version every other receiver holds; then the learner reconnects to the receivers. The work the
+A replacement is built from the run's policy (or teacher) folder and, before it serves, gets
+the last published weights, so it holds the version every other receiver holds. The object
+store transport keeps that version's buckets: the replacement loads them, then the learner
+reconnects to the receivers. The collective transports keep no copy: the learner opens a fresh
+group with every receiver (a new rendezvous, the replacement included) and publishes its
+weights again (with `rollout.max_staleness` >= 1 the learner may have trained past the last
+published version meanwhile; the receivers then get its newer weights under that version). The work the
 dead actor had in flight is sent again (launch/collect.py): prompts keep their per-prompt
 seeds and teacher scoring is deterministic, so redone work equals what was lost. A verifier
 worker that dies mid-check has its answer checked again by a fresh worker
@@ -44,7 +47,9 @@ class Faults:
         self._recent: dict[str, deque] = defaultdict(deque)
         self._verifier_seen = 0
         self._replaced: dict = {}  # dead engine handle -> its replacement
-        self._lock = threading.Lock()  # the pipeline thread and the training thread may both replace
+        # the pipeline thread and the training thread may both replace; a replacement and the training thread's
+        # weight publishes never overlap
+        self._lock = threading.RLock()
 
     def failed(self, role: str, error: BaseException) -> None:
         """Count a failure of `role`; raise RoleFailed past the policy's limit."""
@@ -80,8 +85,9 @@ class Faults:
             raise RoleFailed(f"the {role} role failed ({type(error).__name__}); the run stops here and the last "
                              f"complete checkpoint is intact: continue with --resume") from error
 
-    def replace_engine(self, roles, engine, error: BaseException):
-        """Count `engine`'s failure and put a fresh rollout actor, holding the last published weights, in its place.
+    def replace_engine(self, roles, engine, error: BaseException, republish: bool = True):
+        """Count `engine`'s failure and put a fresh rollout actor, holding the last published weights, in its place
+        (`republish` False: the caller publishes next anyway).
 
         Returns the replacement; when both threads saw the same death, the second gets the first's replacement.
         """
@@ -95,10 +101,10 @@ class Faults:
             pid = self._start(new, roles)
             roles.engines[index], roles.pids["rollout"][index] = new, pid
             self._replaced[engine] = new
-            self._reconnect(roles)
+            self._reconnect(roles, republish)
             return new
 
-    def replace_teacher(self, roles, teacher, error: BaseException) -> None:
+    def replace_teacher(self, roles, teacher, error: BaseException, republish: bool = True) -> None:
         """Count `teacher`'s failure and start a fresh teacher holding the last published weights (unless frozen).
 
         An EMA teacher restarts its average from the last published weights.
@@ -110,14 +116,15 @@ class Faults:
             stop_actors([roles.teacher], [roles.pids["teacher"]], timeout_s=30)
             new = roles.new_teacher()
             roles.teacher, roles.pids["teacher"] = new, self._start(new, roles)
-            self._reconnect(roles)
+            self._reconnect(roles, republish)
 
     def retrying(self, roles, fn, *args):
         """`fn(*args)` (a call on every engine and the teacher, from the training thread); when it fails, replace
         the receivers that no longer answer and call again. Nobody dead: the learner failed (RoleFailed)."""
         while True:
             try:
-                return fn(*args)
+                with self._lock:
+                    return fn(*args)
             except (*ACTOR_ERRORS, WeightSyncError) as error:
                 dead = [e for e in roles.engines if not self._answers(e)]
                 teacher = roles.teacher
@@ -125,22 +132,26 @@ class Faults:
                 if not dead and not teacher_dead:
                     return self.call("learner", _raise, error)
                 for engine in dead:
-                    self.replace_engine(roles, engine, error)
+                    self.replace_engine(roles, engine, error, republish=False)
                 if teacher_dead:
-                    self.replace_teacher(roles, teacher, error)
+                    self.replace_teacher(roles, teacher, error, republish=False)
 
     def _start(self, actor, roles) -> int:
         pid = ray.get(actor.ready.remote(), timeout=self.cfg.start_timeout_s)
-        published = getattr(roles, "published", None)
-        if published is not None:
-            handle, version = published
+        handle, version = getattr(roles, "published", None) or (None, None)
+        if handle is not None:  # the object store's buckets of the last published version
             ray.get(actor.load_weights.remote(handle, version), timeout=self.cfg.call_timeout_s)
         return pid
 
-    def _reconnect(self, roles) -> None:
-        """The learner sends the next versions to the receivers as they are now (the replacement included)."""
-        if roles.learner is not None:
-            roles.learner.connect_weights(roles.receivers())
+    def _reconnect(self, roles, republish: bool) -> None:
+        """The learner sends the next versions to the receivers as they are now (the replacement included): a
+        fresh rendezvous; a transport that kept no copy of the last published version gets it sent again."""
+        if roles.learner is None:
+            return
+        roles.learner.connect_weights(roles.receivers())
+        handle, version = getattr(roles, "published", None) or (None, None)
+        if republish and version is not None and handle is None:
+            roles.publish(version)
 
     def _answers(self, actor) -> bool:
         try:
