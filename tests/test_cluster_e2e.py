@@ -50,7 +50,7 @@ def _descendants(seen: dict[int, psutil.Process]) -> None:
 
 
 @pytest.mark.e2e
-def test_submitted_run_on_two_loopback_nodes(tmp_path, monkeypatch):
+def test_submitted_run_on_two_loopback_nodes(tmp_path, monkeypatch, tiny_model):
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
@@ -70,6 +70,7 @@ def test_submitted_run_on_two_loopback_nodes(tmp_path, monkeypatch):
                                   dashboard_agent_listen_port=_free_port())
         node_a_id, node_b_id = cluster.head_node.node_id, node_b.node_id
         overrides = [
+            f"model={{kind: pretrained, path: {tiny_model}}}",  # no warm start: the job's cost is the run itself
             "run.steps=3", "run.eval_size=4", "run.save_every=0", "rollout.prompts_per_step=4", "sync.check_every=1",
             f"run.output_dir={tmp_path}", "run.name=two-node", "run.log_every=1",
             "placement.rollout.resources={node_a: 0.5}", "placement.teacher.resources={node_a: 0.5}",
