@@ -71,12 +71,13 @@ def test_cpu_image_runs_the_default_job_and_resumes_on_its_volume():
         assert "selfdistill run summary" in r.stdout, r.stdout[-3000:]
         return r.stdout
 
-    def inside(command: str) -> str:
+    def inside(command: str) -> str:  # one container per look (a container is a full copy on some storage drivers)
         r = subprocess.run([*run, "--entrypoint", "sh", tag, "-c", command], capture_output=True, text=True,
                            timeout=600)
         assert r.returncode == 0, r.stderr
         return r.stdout
 
+    cache_files = "find /data/cache -type f -printf '%p %T@\\n' | sort"
     try:
         r = subprocess.run([str(ROOT / "docker" / "build.sh"), "cpu"], capture_output=True, text=True,
                            env={**os.environ, "TAG": tag}, timeout=7200)
@@ -84,21 +85,22 @@ def test_cpu_image_runs_the_default_job_and_resumes_on_its_volume():
 
         first = job("run.steps=2")
         assert "held-out accuracy before training" in first
-        summary = json.loads(inside("cat /data/runs/cpu-default/summary.json"))
+        summary, cache = inside(f"cat /data/runs/cpu-default/summary.json; echo; {cache_files}").split("\n}\n", 1)
+        summary = json.loads(summary + "}")
         assert summary["steps"] == 2 and 0.0 <= summary["accuracy_after"] <= 1.0
-        cache = inside("find /data/cache -type f -printf '%p %T@\\n' | sort")
         assert "/data/cache/warmstart-" in cache and "config.json" in cache  # the warm-started model
 
         # the same command with more steps: the run continues from its step-2 checkpoint in place
         second = job("run.steps=3")
         assert "resuming from /data/runs/cpu-default/checkpoints/step-000002" in second, second[-3000:]
-        steps = [json.loads(line)["step"] for line in inside("cat /data/runs/cpu-default/metrics.jsonl").splitlines()]
-        assert steps == [1, 2, 3]
-        assert inside("ls /data/runs").split() == ["cpu-default"]  # no earlier run moved aside
-
         # a new run on the volume: its warm start comes from the cache, nothing in it is rebuilt
         job("run.steps=1", "run.name=again")
-        assert inside("find /data/cache -type f -printf '%p %T@\\n' | sort") == cache
-        assert json.loads(inside("cat /data/runs/again/summary.json"))["steps"] == 1
+        runs, metrics, again, after = inside(
+            f"ls /data/runs; echo @; cat /data/runs/cpu-default/metrics.jsonl; echo @; "
+            f"cat /data/runs/again/summary.json; echo @; {cache_files}").split("@\n")
+        assert runs.split() == ["again", "cpu-default"]  # no earlier run moved aside
+        assert [json.loads(line)["step"] for line in metrics.splitlines() if line] == [1, 2, 3]
+        assert json.loads(again)["steps"] == 1
+        assert after == cache
     finally:
         subprocess.run(["docker", "volume", "rm", "-f", volume], capture_output=True, timeout=600)
