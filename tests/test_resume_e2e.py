@@ -1,6 +1,7 @@
 """Resume on the real stack: a run killed by SIGKILL while it writes a checkpoint continues with
-`--resume auto` from the previous complete checkpoint, and ends with the same weights as a run
-that was never interrupted (on-policy and max_staleness 1)."""
+`--resume auto` from the previous complete checkpoint; resumed, its learner rank is SIGKILLed
+mid-run (the run stops with exit code 3 naming the rank, the checkpoint intact); resumed again,
+it ends with the same weights as a run that was never interrupted (on-policy and max_staleness 1)."""
 
 from __future__ import annotations
 
@@ -56,6 +57,35 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+def _title(proc: psutil.Process) -> str:
+    """A process's first command-line word ('' once it exited)."""
+    try:
+        return (proc.cmdline() or [""])[0]
+    except psutil.Error:
+        return ""
+
+
+def _learner_killed_mid_run(overrides: list[str], run_dir: Path, log: Path) -> tuple[int, int]:
+    """Resume the run in a child process and SIGKILL its learner rank (by pid) once it logged a step past the
+    checkpoint; returns (the child's exit code, the killed pid)."""
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    with log.open("w") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "selfdistill.launch.cli", "train", *overrides, "--resume",
+                                 "auto"], env=env, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True)
+    try:
+        learner = None
+        while learner is None or 3 not in _losses(run_dir):  # the learner exists once metrics.jsonl was cut back
+            assert proc.poll() is None, log.read_text()[-3000:]
+            learner = learner or next((p for p in psutil.Process(proc.pid).children(recursive=True)
+                                       if _title(p).startswith("ray::LearnerActor")), None)
+            time.sleep(0.05)
+        learner.send_signal(signal.SIGKILL)
+        return proc.wait(timeout=600), learner.pid
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+
+
 def test_sigkill_during_a_checkpoint_write_then_resume_auto_is_exact(tmp_path, tiny_model):
     reference = load_config(None, _overrides(tiny_model, tmp_path / "reference"))
     train(reference)
@@ -76,6 +106,11 @@ def test_sigkill_during_a_checkpoint_write_then_resume_auto_is_exact(tmp_path, t
             _kill_tree(proc.pid)
     assert partial.is_dir() and not checkpoint_dir(run_dir, 4).exists()
     assert latest_checkpoint(run_dir).name == "step-000002"
+
+    code, pid = _learner_killed_mid_run(overrides, run_dir, tmp_path / "learner-killed.log")
+    assert code == 3, (tmp_path / "learner-killed.log").read_text()[-3000:]
+    assert f"run stopped: learner rank 0 (pid {pid}) died during" in (tmp_path / "learner-killed.log").read_text()
+    assert latest_checkpoint(run_dir).name == "step-000002"  # intact, and still the last complete one
 
     assert cli_main(["train", *overrides, "--resume", "auto"]) == 0
     assert latest_checkpoint(run_dir).name == "step-000004" and not partial.exists()
