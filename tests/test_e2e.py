@@ -1,7 +1,8 @@
 """End to end through the real stack: a local Ray cluster on loopback, vLLM engines,
 DeepSpeed ZeRO ranks, the teacher actor and math-verify, on a tiny model.
 
-Each run starts its own cluster and stops it; afterwards no actor process is left alive.
+The runs share one local cluster (fixture `local_ray`); each starts and stops its own actors, and
+afterwards no actor process is left alive.
 """
 
 import json
@@ -18,7 +19,7 @@ from selfdistill.launch.processes import alive
 from selfdistill.launch.run_dir import latest_checkpoint
 from selfdistill.launch.train import train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 SYNC_TOLERANCE = 1e-4
 
 

@@ -27,7 +27,10 @@ def is_loopback(address: str) -> bool:
 @contextmanager
 def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.0.0.1", quiet: bool = True):
     """Connect to `address` (`auto`: the cluster this job was submitted to; never starts another), or start
-    a local single-node cluster listening only on `node_ip_address`; shut down after."""
+    a local single-node cluster listening only on `node_ip_address`; shut down after.
+
+    A driver that has Ray running already (a notebook, a test session, a script calling `train` several
+    times) keeps its connection: the run uses it and leaves it up."""
     env = dict(ACTOR_ENV)
     if address is None and is_loopback(node_ip_address):
         env.update(LOOPBACK_ENV)
@@ -35,6 +38,9 @@ def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.
         os.environ.setdefault(k, v)
     import ray
 
+    if ray.is_initialized():
+        yield ray
+        return
     kwargs = dict(runtime_env={"env_vars": {k: os.environ[k] for k in env}}, log_to_driver=not quiet)
     if address:
         ray.init(address=address, **kwargs)
