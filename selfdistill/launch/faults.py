@@ -148,7 +148,7 @@ class Faults:
         fresh rendezvous; a transport that kept no copy of the last published version gets it sent again."""
         if roles.learner is None:
             return
-        roles.learner.connect_weights(roles.receivers())
+        roles.learner.connect_weights(roles.receivers(), roles.receiver_ranks())
         handle, version = getattr(roles, "published", None) or (None, None)
         if republish and version is not None and handle is None:
             roles.publish(version)
