@@ -18,8 +18,6 @@ from selfdistill.records import Problem
 from selfdistill.data.templates import render
 from selfdistill.teacher.contexts import prompt_ids
 
-GPU_ROLE_FIELDS = {"rollout": "placement.rollout.gpus", "teacher": "placement.teacher.gpus",
-                   "learner": "placement.learner.gpus"}
 ANSWER_PROBE = "\\boxed{-12/5}"  # what every response must be able to end with
 
 
@@ -150,7 +148,7 @@ def check_memory(cfg: TrainConfig, contexts: tuple[str, ...], host_gib: float | 
             per_gpu += engine.total_gib / max(cfg.placement.rollout.gpus, 1)
         if per_gpu > gpu_gib:
             role = name.split("/")[0]
-            raise ConfigError(f"{GPU_ROLE_FIELDS[role]}: {name} needs about {per_gpu:.1f} GiB per GPU ({mem.what}"
+            raise ConfigError(f"placement.{role}.gpus: {name} needs about {per_gpu:.1f} GiB per GPU ({mem.what}"
                               + (", with its colocated engine" if colocated and role == "learner" else "")
                               + f") and the GPU has {gpu_gib:.1f} GiB: give the role more GPUs or ranks, a higher "
                               f"ZeRO stage, or smaller micro-batches")

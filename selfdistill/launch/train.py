@@ -82,7 +82,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                     alpha = exposure.alpha(step) if "partial" in contexts else None
                 return collect_batch(roles, sampler, cfg, sampling, alpha, faults)
 
-            # the engines (and a live teacher) start from the learner's policy: on resume, the checkpoint's
+            # before any sync the engines (and a live teacher) must hold the learner's policy (on resume: the checkpoint)
             start_gap = {"sync/start_gap": faults.retrying(roles, roles.sync_gap, probe)} if cfg.sync.check_every else {}
             saves = [s for s in range(start + 1, cfg.run.steps + 1) if _saves_at(cfg, s)]
             pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness, saves)

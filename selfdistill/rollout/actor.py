@@ -82,9 +82,9 @@ class RolloutActor:
     def memory_calls(self) -> list[str]:
         """The sleep, wake, weight and generate calls since the last time this was asked, in order; each marked
         "[asleep]" if vLLM still held memory asleep after it."""
-        calls = self.calls or []
-        if self.calls is not None:
-            self.calls = []
+        if self.calls is None:
+            return []
+        calls, self.calls = self.calls, []
         return calls
 
     def _record(self, call: str, awake: bool = False) -> None:
