@@ -289,8 +289,9 @@ class TrainConfig(Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _fill_response_budget(cls, data: Any) -> Any:
-        """Objectives that normalise by the generation budget (Dr.GRPO, DAPO) default to max_new_tokens."""
+    def _fill_defaults(cls, data: Any) -> Any:
+        """Objectives that normalise by the generation budget (Dr.GRPO, DAPO) default to max_new_tokens; untagged
+        objective, data and model sections mean fields of the default one."""
         if not isinstance(data, dict):
             return data
         sampling = (data.get("rollout") or {}).get("sampling") or {}
@@ -298,7 +299,12 @@ class TrainConfig(Strict):
         objective = data.get("objective", {})
         if isinstance(objective, dict) and "name" not in objective:  # fields of the default objective
             objective = {"name": "opsd", **objective}
-        return {**data, "objective": _with_budget(objective, budget)}
+        data = {**data, "objective": _with_budget(objective, budget)}
+        # `data.num_eval=500` or `model.warm_start.steps=10` without the tag: fields of the default source
+        for field, tag, default in (("data", "name", "arithmetic"), ("model", "kind", "tiny")):
+            if isinstance(data.get(field), dict) and tag not in data[field]:
+                data[field] = {tag: default, **data[field]}
+        return data
 
     @model_validator(mode="after")
     def _check_consistency(self) -> "TrainConfig":

@@ -28,6 +28,18 @@ def test_yaml_and_overrides(tmp_path):
     assert cfg.objective.name == "grpo"
 
 
+def test_untagged_sections_are_fields_of_the_default_source(tmp_path):
+    # A config file without a data or model section, given one field of each: the default source's
+    # fields (this used to fail with "Unable to extract tag using discriminator 'name'").
+    path = tmp_path / "x.yaml"
+    path.write_text("objective: {name: grpo}\n")
+    cfg = load_config(path, ["data.num_eval=500", "model.warm_start.steps=10"])
+    assert (cfg.data.name, cfg.data.num_eval) == ("arithmetic", 500)
+    assert (cfg.model.kind, cfg.model.warm_start.steps) == ("tiny", 10)
+    with pytest.raises(ConfigError, match="path"):  # a tag given stays the user's choice
+        load_config(path, ["model.kind=pretrained"])
+
+
 def test_resolved_config_round_trips(tmp_path):
     cfg = load_config(None, ["objective.name=dasd", "learner.zero_stage=3"])
     save_config(cfg, tmp_path / "config.yaml")
