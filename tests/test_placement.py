@@ -12,6 +12,7 @@ from selfdistill.config import ConfigError, TrainConfig, load_config
 from selfdistill.launch import sizing
 from selfdistill.launch.placement import COLOCATED_SHARE, ClusterSpec, NodeSpec, bundle_layout, plan_placement
 
+TP2_GPU = ["placement.rollout.tensor_parallel_size=2", "placement.rollout.gpus=2"]
 GPU_CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/gpu/*/*.yaml"))
 
 
@@ -47,7 +48,8 @@ def test_cpu_default_plans_on_this_machine_without_gpus():
 @pytest.mark.parametrize("overrides, spec, field", [
     (["placement.learner.gpus=1", "learner.num_ranks=16", "rollout.prompts_per_step=16"], "nodes=1,gpus_per_node=8",
      "placement.learner.gpus"),
-    (["placement.rollout.gpus=16"], "nodes=2,gpus_per_node=8", "placement.rollout.gpus"),
+    (["placement.rollout.tensor_parallel_size=16", "placement.rollout.gpus=16", "sync.transport=collective",
+      "sync.backend=nccl"], "nodes=2,gpus_per_node=8", "placement.rollout.tensor_parallel_size"),
     (["placement.mode=colocated", "placement.rollout.gpus=1", "placement.learner.gpus=1", "rollout.num_engines=3",
       "learner.num_ranks=4"], "nodes=1,gpus_per_node=8", "rollout.num_engines"),
     (["placement.rollout.resources={node_x: 1}"], "nodes=1,gpus_per_node=0", "placement.rollout.resources.node_x"),
@@ -66,7 +68,7 @@ def test_a_model_too_large_for_its_gpus_is_refused():
 
 
 def test_colocated_engines_share_the_learner_nodes():
-    cfg = load_config(None, ["placement.mode=colocated", "placement.rollout.gpus=2", "placement.learner.gpus=1",
+    cfg = load_config(None, ["placement.mode=colocated", *TP2_GPU, "placement.learner.gpus=1",
                              "rollout.num_engines=4", "learner.num_ranks=8", "rollout.prompts_per_step=16",
                              "sync.transport=ipc"])
     plan = plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=8"))
@@ -134,14 +136,65 @@ def test_colocated_setups_that_cannot_run_are_refused_by_field(overrides, field)
 
 def test_tensor_parallel_engines_need_a_transport_their_workers_receive():
     spec = ClusterSpec.parse("nodes=1,gpus_per_node=8")
-    with pytest.raises(ConfigError, match=r"sync\.transport:.*Ray executor"):
-        plan_placement(load_config(None, ["placement.rollout.gpus=2"]), spec)
-    plan_placement(load_config(None, ["placement.rollout.gpus=2", "sync.transport=collective", "sync.backend=nccl"]),
-                   spec)
+    with pytest.raises(ConfigError, match=r"sync\.transport:.*Ray executor on GPUs.*or ipc"):
+        plan_placement(load_config(None, TP2_GPU), spec)
+    with pytest.raises(ConfigError, match=r"sync\.transport:.*multiprocess executor on CPU.*gloo on CPU\)$"):
+        plan_placement(load_config(None, ["placement.rollout.tensor_parallel_size=2", "rollout.num_cpus_per_engine=2"]),
+                       spec)
+    plan_placement(load_config(None, [*TP2_GPU, "sync.transport=collective", "sync.backend=nccl"]), spec)
+
+
+CPU_TP2 = ["placement.rollout.tensor_parallel_size=2", "rollout.num_cpus_per_engine=2", "sync.transport=collective"]
+
+
+@pytest.mark.parametrize("overrides, spec, field", [
+    (["placement.rollout.gpus=2"], "nodes=1,gpus_per_node=8", "placement.rollout.gpus"),  # TP 1: 0 or 1 GPU
+    ([*TP2_GPU[:1], "placement.rollout.gpus=1", "sync.transport=collective", "sync.backend=nccl"],
+     "nodes=1,gpus_per_node=8", "placement.rollout.gpus"),
+    ([*TP2_GPU, "sync.transport=collective", "sync.backend=nccl"], "nodes=2,gpus_per_node=1",
+     "placement.rollout.tensor_parallel_size"),  # 2 GPUs of one engine on one node
+    (["placement.rollout.tensor_parallel_size=2", "sync.transport=collective"], "nodes=1,gpus_per_node=0",
+     "rollout.num_cpus_per_engine"),  # a CPU worker needs a core
+    ([*CPU_TP2, "rollout.engine.name=hf"], "nodes=1,gpus_per_node=0", "placement.rollout.tensor_parallel_size"),
+    (["sync.transport=ipc"], "nodes=1,gpus_per_node=8", "sync.transport"),  # ipc: colocated GPU engines only
+    (["sync.transport=ipc", "placement.rollout.gpus=1", "placement.learner.gpus=1"], "nodes=1,gpus_per_node=8",
+     "sync.transport"),
+    (["placement.mode=colocated", "objective={name: grpo}", *CPU_TP2], "nodes=1,gpus_per_node=0,cpus_per_node=8",
+     "rollout.num_engines"),  # 1 engine x TP 2 for 1 rank
+])
+def test_tensor_parallel_and_transport_mismatches_name_the_field(overrides, spec, field):
+    with pytest.raises(ConfigError, match=re.escape(field) + ":"):
+        plan_placement(load_config(None, overrides), ClusterSpec.parse(spec))
+
+
+def test_cpu_tensor_parallel_engines_read_the_same_field():
+    """On CPU the one field sets vLLM's multiprocess workers: one bundle per engine with its CPUs, no worker
+    bundles, and the executor the actor gets says tensor_parallel_size 2; the dry-run shows it."""
+    from selfdistill.launch.placement import RolePlacements, dry_run
+
+    cfg = load_config(None, [*CPU_TP2, "rollout.num_engines=2", "rollout.prompts_per_step=4"])
+    plan = plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=0,cpus_per_node=8"))
+    assert plan.tensor_parallel_size == 2 and all(a.gpus == 0 for a in plan.actors)
+    assert "tensor_parallel_size 2 (placement.rollout.tensor_parallel_size), 2 workers per engine (on the engine's " \
+           "CPUs, vLLM's multiprocess executor)" in plan.table()
+    layout = bundle_layout(cfg, plan)
+    assert layout.groups["rollout"][0] == [{"CPU": 2.0}] * 2
+    assert [layout.slots[("rollout", e)].workers for e in range(2)] == [[], []]
+    placements = RolePlacements.__new__(RolePlacements)  # the executor without a cluster: layout and TP only
+    placements.layout, placements.tensor_parallel_size = layout, 2
+    assert placements.executor(1).tensor_parallel_size == 2 and placements.executor(1).bundle_indices == []
+    out = dry_run(cfg, "nodes=1,gpus_per_node=0,cpus_per_node=8")
+    assert "tensor_parallel_size: 2" in out and "2 workers per engine" in out
+
+
+def test_gpu_tensor_parallel_dry_run_names_the_ray_workers():
+    cfg = load_config(None, [*TP2_GPU, "sync.transport=collective", "sync.backend=nccl"])
+    table = plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=8")).table()
+    assert "2 workers per engine (one GPU each, vLLM's Ray executor), one collective rank each" in table
 
 
 def test_colocated_bundles_hold_a_learner_rank_and_a_share_of_an_engine():
-    cfg = load_config(None, ["placement.mode=colocated", "placement.rollout.gpus=2", "placement.learner.gpus=1",
+    cfg = load_config(None, ["placement.mode=colocated", *TP2_GPU, "placement.learner.gpus=1",
                              "rollout.num_engines=2", "learner.num_ranks=4", "sync.transport=ipc",
                              "placement.rollout.resources={gpu_node: 0.1}", "placement.teacher.gpus=1"])
     spec = ClusterSpec([NodeSpec("gpu0", 128, 8, 80, {"gpu_node": 1})], "test")
@@ -169,7 +222,8 @@ def test_colocated_cpu_engines_share_their_rank_bundle():
 
 
 def test_separate_tensor_parallel_engines_get_one_gpu_bundle_per_worker_on_one_node():
-    cfg = load_config(None, ["placement.rollout.gpus=4", "placement.learner.gpus=1", "rollout.num_engines=2",
+    cfg = load_config(None, ["placement.rollout.tensor_parallel_size=4", "placement.rollout.gpus=4",
+                             "placement.learner.gpus=1", "rollout.num_engines=2",
                              "learner.num_ranks=2", "sync.transport=collective", "sync.backend=nccl",
                              "objective={name: grpo}", "placement.rollout.resources={node_a: 1}"])
     spec = ClusterSpec([NodeSpec("a", 128, 8, 80, {"node_a": 2}), NodeSpec("b", 128, 8, 80)], "test")
@@ -195,7 +249,7 @@ def test_engine_args_of_a_tensor_parallel_colocated_engine_are_vllm_engine_args(
     from selfdistill.rollout.base import EngineConfig, EngineExecutor
     from selfdistill.rollout.vllm_internals import llm_args
 
-    cfg = load_config(None, ["placement.mode=colocated", "placement.rollout.gpus=2", "placement.learner.gpus=1",
+    cfg = load_config(None, ["placement.mode=colocated", *TP2_GPU, "placement.learner.gpus=1",
                              "rollout.num_engines=2", "learner.num_ranks=4", "sync.transport=ipc"])
     layout = bundle_layout(cfg, plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=8")))
     slot = layout.slots[("rollout", 1)]

@@ -4,9 +4,10 @@ import pytest
 import torch
 
 from selfdistill.config import ConfigError, load_config
-from selfdistill.weights import CollectiveConfig, IpcConfig, ObjectStoreConfig, TensorMeta, bucket_plan, checked
+from selfdistill.weights import CollectiveConfig, IpcConfig, ObjectStoreConfig, TensorMeta, WeightSyncError, bucket_plan, \
+    checked
 from selfdistill.weights.base import meta_from_update_info, pack, unpack, update_info
-from selfdistill.weights.ipc import check_update_info
+from selfdistill.weights.ipc import check_update_info, handle_for
 
 
 def test_bucket_plan_closes_a_bucket_once_it_exceeds_the_buffer():
@@ -90,3 +91,60 @@ def test_sync_config_is_chosen_by_transport():
         load_config(None, ["sync.transport=collective", "sync.backend=mpi"])
     with pytest.raises(ConfigError, match="backend"):
         load_config(None, ["sync.backend=gloo"])  # the object store has no backend
+
+
+def _colocated(*overrides):
+    from selfdistill.launch.placement import ClusterSpec, bundle_layout, plan_placement
+
+    cfg = load_config(None, ["placement.mode=colocated", "placement.learner.gpus=1", "sync.transport=ipc",
+                             "learner.num_ranks=4", *overrides])
+    plan = plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=8"))
+    return cfg, plan, bundle_layout(cfg, plan)
+
+
+@pytest.mark.parametrize("tp, engines, routes", [
+    (1, 4, {0: [0], 1: [1], 2: [2], 3: [3]}),  # one engine per learner rank's GPU
+    (2, 2, {0: [0, 1], 1: [2, 3]}),  # worker k of engine e shares the GPU of rank e * TP + k
+    (4, 1, {0: [0, 1, 2, 3]}),
+])
+def test_each_colocated_engine_worker_maps_the_buffer_of_the_learner_rank_on_its_gpu(tp, engines, routes):
+    """Every rank exports its own GPU's buffer; the merged map rank 0 ships gives each worker its GPU's entry,
+    i.e. the rank it shares a bundle (a GPU) with, never rank 0's for all of them."""
+    from selfdistill.launch.placement import ipc_routes
+
+    _, _, layout = _colocated(f"placement.rollout.tensor_parallel_size={tp}", f"placement.rollout.gpus={tp}",
+                              f"rollout.num_engines={engines}")
+    assert ipc_routes(layout) == routes
+    for e, ranks in routes.items():  # the routes are the bundles: each worker's GPU share is its rank's bundle
+        slot = layout.slots[("rollout", e)]
+        assert [layout.slots[("learner", r)].bundle for r in ranks] == (slot.workers or [slot.bundle])
+    gpu_of_rank = {r: f"GPU-{r:04d}" for r in range(4)}
+    merged = {**update_info(_meta([("w", torch.zeros(3))])), "tensor_sizes": [12],
+              "ipc_handles": {gpu_of_rank[r]: ("handle of rank", r) for r in range(4)}}
+    check_update_info(merged)
+    for ranks in routes.values():
+        assert [handle_for(merged, gpu_of_rank[r]) for r in ranks] == [("handle of rank", r) for r in ranks]
+    with pytest.raises(WeightSyncError, match=r"no learner rank shares this GPU \(GPU-9999\).*GPU-0000"):
+        handle_for(merged, "GPU-9999")
+
+
+def test_dry_run_prints_the_ipc_routes():
+    from selfdistill.launch.placement import dry_run
+
+    cfg, _, _ = _colocated("placement.rollout.tensor_parallel_size=2", "placement.rollout.gpus=2",
+                           "rollout.num_engines=2")
+    out = dry_run(cfg, "nodes=1,gpus_per_node=8")
+    assert "ipc (each worker maps the buffer of the learner rank on its GPU): rollout/0 <- learner/0, learner/1; " \
+           "rollout/1 <- learner/2, learner/3" in out
+
+
+@pytest.mark.parametrize("overrides, field", [
+    (["teacher.weights=live"], "teacher.weights"),  # the teacher has a GPU of its own: no learner buffer on it
+    (["teacher.weights=ema"], "teacher.weights"),
+    (["placement.mode=separate", "placement.rollout.gpus=1"], "sync.transport"),  # engines on GPUs of their own
+])
+def test_ipc_receivers_off_the_learner_gpus_are_refused_by_field(overrides, field):
+    import re
+
+    with pytest.raises(ConfigError, match=re.escape(field) + ":"):
+        _colocated("placement.rollout.gpus=1", "rollout.num_engines=4", "placement.teacher.gpus=1", *overrides)

@@ -44,8 +44,15 @@ class RolePlacement(_Strict):
 
 
 class EnginePlacement(RolePlacement):
+    tensor_parallel_size: int = Field(
+        1, ge=1,
+        description="vLLM workers per rollout engine, each holding a 1/N shard of the model and taking its own rank "
+        "in a collective weight transport. On GPUs one GPU per worker (vLLM's Ray executor, all on one node); on CPU "
+        "vLLM's multiprocess executor, each worker bound to its share of the engine's cores "
+        "(rollout.num_cpus_per_engine must be at least N).",
+    )
     gpus: int = Field(
-        0, ge=0, description="GPUs per rollout engine: its tensor-parallel size (all on one node); 0: CPU engine."
+        0, ge=0, description="GPUs per rollout engine: 0 (CPU engine) or tensor_parallel_size (one per worker)."
     )
 
 
@@ -54,7 +61,7 @@ class PlacementConfig(_Strict):
         "separate",
         description="separate: every role gets its own GPUs; colocated: rollout engines and learner ranks share "
         "the same GPUs (engines sleep while the learner trains, so rollout.max_staleness must be 0), so num_engines "
-        "x engine GPUs must equal num_ranks x learner GPUs (a CPU engine or rank counting as 1).",
+        "x rollout.tensor_parallel_size must equal num_ranks x learner GPUs (a CPU rank counting as 1).",
     )
     rollout: EnginePlacement = Field(default_factory=EnginePlacement, description="Each rollout engine's resources.")
     teacher: RolePlacement = Field(default_factory=RolePlacement, description="The teacher actor's resources.")
@@ -138,13 +145,20 @@ class Plan:
     mode: str
     cluster: ClusterSpec
     actors: list[ActorPlan]
+    tensor_parallel_size: int = 1  # vLLM workers per engine (placement.rollout.tensor_parallel_size)
 
     def role(self, name: str) -> list[ActorPlan]:
         return [a for a in self.actors if a.role == name]
 
     def table(self) -> str:
         """The plan as text: one line per actor, then GPUs and CPUs used per node."""
+        engines = self.role("rollout")
+        workers = ("one GPU each, vLLM's Ray executor" if engines and engines[0].gpus
+                   else "on the engine's CPUs, vLLM's multiprocess executor")
         lines = [f"placement ({self.mode} mode) against {self.cluster.source}:",
+                 f"  rollout engines: tensor_parallel_size {self.tensor_parallel_size} "
+                 f"(placement.rollout.tensor_parallel_size)" + (f", {self.tensor_parallel_size} workers per engine "
+                 f"({workers}), one collective rank each" if self.tensor_parallel_size > 1 else ""),
                  f"  {'actor':<12} {'node':<10} {'GPUs':>4} {'CPUs':>5}  {'memory GiB (weights + state + act.)':<40}"]
         for a in self.actors:
             mem = (f"{a.memory.total_gib:8.2f} ({a.memory.weights_gib:.2f} + {a.memory.other_gib:.2f} + "
@@ -167,11 +181,13 @@ def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = No
     if contexts is None:
         contexts = build_objective(cfg.objective).contexts
     shape = sizing.model_shape(cfg)
+    check_modes(cfg, contexts)
+    tp = pc.rollout.tensor_parallel_size
     max_node_gpus = max(n.gpus for n in spec.nodes)
     if pc.rollout.gpus > max_node_gpus:
-        raise ConfigError(f"placement.rollout.gpus: an engine's {pc.rollout.gpus} tensor-parallel GPUs must sit on "
-                          f"one node, and the largest node has {max_node_gpus:g} ({spec.source})")
-    check_modes(cfg)
+        raise ConfigError(f"placement.rollout.tensor_parallel_size: an engine's {tp} tensor-parallel GPUs "
+                          f"(placement.rollout.gpus={pc.rollout.gpus}) must sit on one node, and the largest node "
+                          f"has {max_node_gpus:g} ({spec.source})")
     free = [{"CPU": n.cpus, "GPU": n.gpus, **n.resources} for n in spec.nodes]
     actors: list[ActorPlan] = []
 
@@ -199,13 +215,13 @@ def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = No
                           + f" and no node has that left ({spec.source}; already placed: {placed})")
 
     mem = (lambda f, *a: f(cfg, shape, *a) if shape else None)
-    learner_mem, engine_mem = mem(sizing.learner_memory), mem(sizing.engine_memory, pc.rollout.gpus)
+    learner_mem, engine_mem = mem(sizing.learner_memory), mem(sizing.engine_memory, tp if pc.rollout.gpus else 1)
     if pc.mode == "colocated":
         # Engine i shares the node of learner ranks i*TP .. (i+1)*TP-1; the GPUs are the learner's.
         for r in range(cfg.learner.num_ranks):
             place("learner", f"learner/{r}", cfg.learner.num_cpus_per_rank, pc.learner.gpus, pc.learner, learner_mem)
         for e in range(cfg.rollout.num_engines):
-            node = actors[e * max(pc.rollout.gpus, 1)].node
+            node = actors[e * tp].node
             place("rollout", f"rollout/{e}", cfg.rollout.num_cpus_per_engine, 0, pc.rollout, engine_mem, share=node)
             actors[-1].gpus = pc.rollout.gpus
     else:
@@ -218,19 +234,41 @@ def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = No
     if pc.mode == "colocated" and contexts:
         place("teacher", "teacher", cfg.teacher.num_cpus, pc.teacher.gpus, pc.teacher, mem(sizing.teacher_memory))
     _check_memory(pc, spec, actors)
-    return Plan(pc.mode, spec, actors)
+    return Plan(pc.mode, spec, actors, tp)
 
 
-def check_modes(cfg) -> None:
-    """Refuse, naming the field, a colocated or tensor-parallel setup that cannot run (whatever the cluster)."""
+def check_modes(cfg, contexts: tuple[str, ...] = ()) -> None:
+    """Refuse, naming the field, a colocated or tensor-parallel setup that cannot run (whatever the cluster);
+    `contexts`: the objective's teacher contexts (none: no teacher)."""
     from selfdistill.config import ConfigError
 
     pc = cfg.placement
-    tp = pc.rollout.gpus
+    tp, gpus = pc.rollout.tensor_parallel_size, pc.rollout.gpus
+    if gpus not in (0, tp):
+        raise ConfigError(f"placement.rollout.gpus: a GPU engine holds one GPU per tensor-parallel worker, so "
+                          f"placement.rollout.gpus must be 0 (CPU) or placement.rollout.tensor_parallel_size ({tp}); "
+                          f"got {gpus}")
+    if tp > 1 and cfg.rollout.engine.name != "vllm":
+        raise ConfigError(f"placement.rollout.tensor_parallel_size: {tp} needs rollout.engine.name vllm (got "
+                          f"{cfg.rollout.engine.name!r})")
+    if tp > 1 and not gpus and cfg.rollout.num_cpus_per_engine < tp:
+        raise ConfigError(f"rollout.num_cpus_per_engine: a CPU engine's {tp} tensor-parallel workers "
+                          f"(placement.rollout.tensor_parallel_size) each bind at least one core, so the engine needs "
+                          f"at least {tp} CPUs (got {cfg.rollout.num_cpus_per_engine:g})")
     if tp > 1 and cfg.sync.transport == "object_store":
-        raise ConfigError(f"sync.transport: tensor-parallel engines (placement.rollout.gpus={tp}) run their workers "
-                          f"in vLLM's Ray executor, where the object store's in-process reload cannot reach; use "
-                          f"collective (backend nccl) or ipc")
+        raise ConfigError(f"sync.transport: tensor-parallel engines (placement.rollout.tensor_parallel_size={tp}) run "
+                          f"their workers in other processes (vLLM's Ray executor on GPUs, its multiprocess executor "
+                          f"on CPU), where the object store's in-process reload cannot reach; use collective (backend "
+                          f"nccl on GPUs, gloo on CPU)" + (" or ipc" if gpus else ""))
+    if cfg.sync.transport == "ipc" and (not gpus or pc.mode != "colocated"):
+        raise ConfigError(f"sync.transport: ipc shares the learner ranks' CUDA buffers with engines on the same GPUs, "
+                          f"so it needs placement.mode colocated and GPU engines (got placement.mode={pc.mode}, "
+                          f"placement.rollout.gpus={gpus}); otherwise use collective or object_store")
+    if cfg.sync.transport == "ipc" and contexts and cfg.teacher.weights != "frozen":
+        raise ConfigError(f"teacher.weights: a {cfg.teacher.weights} teacher receives every sync, and with "
+                          f"sync.transport ipc it could only map buffers of a learner rank's GPU, while its placement "
+                          f"gives it its own (placement.teacher.gpus={pc.teacher.gpus}); use teacher.weights frozen, "
+                          f"or sync.transport collective or object_store")
     if pc.mode != "colocated":
         return
     if cfg.rollout.max_staleness > 0:
@@ -239,19 +277,19 @@ def check_modes(cfg) -> None:
     if cfg.rollout.engine.name != "vllm":
         raise ConfigError(f"rollout.engine.name: colocated mode (placement.mode) needs vllm (got "
                           f"{cfg.rollout.engine.name!r}): the engines sleep while the learner trains")
-    if (tp == 0) != (pc.learner.gpus == 0):
+    if (gpus == 0) != (pc.learner.gpus == 0):
         raise ConfigError(f"placement.rollout.gpus: colocated engines and learner ranks both use GPUs or both CPUs "
-                          f"(placement.rollout.gpus={tp}, placement.learner.gpus={pc.learner.gpus})")
-    if tp and cfg.sync.transport == "collective" and cfg.sync.backend == "nccl":
+                          f"(placement.rollout.gpus={gpus}, placement.learner.gpus={pc.learner.gpus})")
+    if gpus and cfg.sync.transport == "collective" and cfg.sync.backend == "nccl":
         raise ConfigError("sync.transport: NCCL cannot join two processes on one GPU (an engine and its learner "
                           "rank); colocated engines on GPUs receive through ipc (or object_store)")
-    engine_slots, learner_slots = cfg.rollout.num_engines * max(tp, 1), cfg.learner.num_ranks * max(pc.learner.gpus, 1)
+    engine_slots, learner_slots = cfg.rollout.num_engines * tp, cfg.learner.num_ranks * max(pc.learner.gpus, 1)
     if pc.learner.gpus > 1 or engine_slots != learner_slots:
         raise ConfigError(
-            f"rollout.num_engines: colocated mode needs num_engines x placement.rollout.gpus "
-            f"({cfg.rollout.num_engines} x {max(tp, 1)} = {engine_slots}) equal to learner.num_ranks with "
+            f"rollout.num_engines: colocated mode needs num_engines x placement.rollout.tensor_parallel_size "
+            f"({cfg.rollout.num_engines} x {tp} = {engine_slots}) equal to learner.num_ranks with "
             f"placement.learner.gpus at most 1 ({cfg.learner.num_ranks} x {max(pc.learner.gpus, 1)} = "
-            f"{learner_slots}); a CPU engine or rank counts as 1")
+            f"{learner_slots}); a CPU rank counts as 1")
 
 
 CPU_FIELDS = {"rollout": "rollout.num_cpus_per_engine", "teacher": "teacher.num_cpus", "learner": "learner.num_cpus_per_rank"}
@@ -341,14 +379,17 @@ def bundle_layout(cfg, plan: Plan) -> Layout:
 
     - colocated mode: one shared group, bundle r holding learner rank r and (for r a multiple of the tensor-parallel
       size) an engine, each actor asking for `COLOCATED_SHARE` of the bundle's GPU;
-    - tensor-parallel engines (placement.rollout.gpus > 1): one bundle per GPU, vLLM's Ray executor putting one
-      worker into each; in separate mode every engine gets its own STRICT_PACK group, so its GPUs share a node.
+    - tensor-parallel GPU engines (placement.rollout.tensor_parallel_size > 1, placement.rollout.gpus > 0): one
+      bundle per GPU, vLLM's Ray executor putting one worker into each; in separate mode every engine gets its own
+      STRICT_PACK group, so its GPUs share a node. A CPU engine's workers are processes of its own (vLLM's
+      multiprocess executor) inside its one bundle.
     """
     pc = cfg.placement
-    tp = pc.rollout.gpus
+    tp = pc.rollout.tensor_parallel_size
+    gpu_workers = tp > 1 and pc.rollout.gpus > 0
     groups, slots = {}, {}
     if plan.mode == "colocated":
-        per_engine = max(tp, 1)  # learner ranks per engine
+        per_engine = tp  # learner ranks per engine
         learners = plan.role("learner")
         bundles = []
         for r, rank in enumerate(learners):
@@ -360,17 +401,17 @@ def bundle_layout(cfg, plan: Plan) -> Layout:
                 bundle["CPU"] += engine.cpus
                 for key, value in engine.resources.items():
                     bundle[key] = max(bundle.get(key, 0.0), value)
-                if tp > 1:
+                if gpu_workers:
                     slots[("rollout", e)] = Slot("colocated", r, 0.0, list(range(r, r + tp)), COLOCATED_SHARE)
                 else:
-                    slots[("rollout", e)] = Slot("colocated", r, COLOCATED_SHARE if tp else 0.0)
+                    slots[("rollout", e)] = Slot("colocated", r, COLOCATED_SHARE if pc.rollout.gpus else 0.0)
             bundles.append(bundle)
         groups["colocated"] = (bundles, "PACK", {**pc.learner.labels, **pc.rollout.labels})
     roles = ("teacher",) if plan.mode == "colocated" else ("rollout", "teacher", "learner")
     for role in roles:
         members = plan.role(role)
         labels = getattr(pc, role).labels
-        if role == "rollout" and tp > 1:
+        if role == "rollout" and gpu_workers:
             for e, a in enumerate(members):
                 bundles = [{"GPU": 1.0, **({"CPU": a.cpus, **a.resources} if k == 0 else {})} for k in range(tp)]
                 groups[a.actor] = (bundles, "STRICT_PACK", labels)
@@ -381,6 +422,20 @@ def bundle_layout(cfg, plan: Plan) -> Layout:
             for i, a in enumerate(members):
                 slots[(role, i)] = Slot(role, i, float(a.gpus))
     return Layout(groups, slots)
+
+
+def ipc_routes(layout: Layout) -> dict[int, list[int]]:
+    """Colocated engines over CUDA IPC: engine -> the learner ranks whose GPU buffers its workers map, one per
+    worker, in tensor-parallel rank order (the ranks sharing its bundles). Every learner rank exports its own
+    packed buffer, vLLM's IPC trainer engine gathers them into one {GPU UUID: handle} map, and each worker
+    picks its own GPU's entry; these are the pairs that must share a GPU."""
+    by_bundle = {slot.bundle: rank for (role, rank), slot in layout.slots.items()
+                 if role == "learner" and slot.group == "colocated"}
+    routes = {}
+    for (role, e), slot in sorted(layout.slots.items()):
+        if role == "rollout" and slot.group == "colocated":
+            routes[e] = [by_bundle[b] for b in (slot.workers or [slot.bundle])]
+    return routes
 
 
 class RolePlacements:
@@ -394,6 +449,7 @@ class RolePlacements:
         from selfdistill.config import ConfigError
 
         self.plan, self.groups, self.order, self.nodes = plan, {}, {}, {}
+        self.tensor_parallel_size = cfg.placement.rollout.tensor_parallel_size
         self.layout = bundle_layout(cfg, plan)
         for name, (bundles, strategy, labels) in self.layout.groups.items():
             self.groups[name] = placement_group(
@@ -414,9 +470,9 @@ class RolePlacements:
             on = {self.nodes[slot.group][self.order[slot.group][p]] for p in slot.workers}
             if len(on) > 1:
                 self.remove()
-                raise ConfigError(f"placement.rollout.gpus: the {len(slot.workers)} tensor-parallel GPUs of "
+                raise ConfigError(f"placement.rollout.tensor_parallel_size: the {len(slot.workers)} GPUs of "
                                   f"rollout/{index} landed on {len(on)} nodes; each node's learner GPUs must be a "
-                                  f"multiple of placement.rollout.gpus")
+                                  f"multiple of placement.rollout.tensor_parallel_size")
 
     def options(self, role: str, index: int) -> dict:
         """Ray actor options that put actor `index` of `role` into its bundle."""
@@ -428,13 +484,13 @@ class RolePlacements:
         return dict(num_cpus=member.cpus, num_gpus=slot.gpus, scheduling_strategy=strategy)
 
     def executor(self, index: int):
-        """How engine `index` runs vLLM (`rollout.base.EngineExecutor`): with tensor parallelism, its workers'
-        bundles as indices of its placement group."""
+        """How engine `index` runs vLLM (`rollout.base.EngineExecutor`): `placement.rollout.tensor_parallel_size`
+        workers; on GPUs with their bundles as indices of its placement group, on CPU inside the engine's bundle."""
         from selfdistill.rollout.base import EngineExecutor
 
         slot = self.layout.slots[("rollout", index)]
         if not slot.workers:
-            return EngineExecutor()
+            return EngineExecutor(self.tensor_parallel_size)
         order = self.order[slot.group]
         return EngineExecutor(len(slot.workers), [order[p] for p in slot.workers], slot.worker_gpus)
 
@@ -488,4 +544,9 @@ def dry_run(cfg, cluster_spec: str | None = None) -> str:
         spec = local_spec(cfg.cluster.num_cpus or cpus_needed(cfg, contexts))
     plan = plan_placement(cfg, spec, contexts)
     resolved = yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
-    return f"# resolved config\n{resolved}\n{plan.table()}\n(dry run: nothing was started)"
+    table = plan.table()
+    if cfg.sync.transport == "ipc":
+        routes = ipc_routes(bundle_layout(cfg, plan))
+        table += "\n  ipc (each worker maps the buffer of the learner rank on its GPU): " + "; ".join(
+            f"rollout/{e} <- " + ", ".join(f"learner/{r}" for r in ranks) for e, ranks in routes.items())
+    return f"# resolved config\n{resolved}\n{table}\n(dry run: nothing was started)"

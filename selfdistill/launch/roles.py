@@ -163,7 +163,7 @@ class Roles:
 
     def receiver_ranks(self) -> dict[str, int]:
         """Ranks each receiver takes in a collective group: an engine's tensor-parallel workers, else 1."""
-        tp = max(self.cfg.placement.rollout.gpus, 1)
+        tp = self.cfg.placement.rollout.tensor_parallel_size
         return {name: tp for name in self.receivers() if name.startswith("engine ")}
 
     def receivers(self) -> dict:

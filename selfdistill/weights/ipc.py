@@ -2,11 +2,17 @@
 
 vLLM's own `ipc` backend on both sides: the engine is built with
 `WeightTransferConfig(backend="ipc")`; the learner's trainer engine
-(`IPCTrainerWeightTransferEngine`, packed) copies each bucket into one shared GPU buffer and
-ships its IPC handle (keyed by the GPU's UUID) with the bucket's metadata in one
-`update_weights` call per bucket. Nothing is copied between processes: the engine maps the
-buffer and loads from it. A colocated teacher maps the same handles (`IpcReceiver`).
-Needs CUDA; on CPU `check_update_info` (the handle metadata) is what runs.
+(`IPCTrainerWeightTransferEngine`, packed) runs on every learner rank: each rank copies the
+bucket (gathered in full on every rank, ZeRO-3 included) into a shared buffer on its own GPU and
+exports its IPC handle keyed by its GPU's UUID; the handles are all-gathered over the learner's
+process group (DeepSpeed's default group: exactly the learner ranks), and rank 0 ships the merged
+{UUID: handle} map with the bucket's metadata in one `update_weights` call per bucket to every
+engine. Each engine worker maps the entry of its own GPU, that is the buffer of the learner rank
+colocated with it (`launch.placement.ipc_routes` lists the pairs a layout makes; a worker whose GPU
+has no entry fails naming its engine). Nothing is copied between processes.
+Needs CUDA and colocated GPU engines (refused otherwise by `launch.placement.check_modes`, as is a
+live or EMA teacher, which has a GPU of its own); on CPU `check_update_info` (the handle metadata)
+and `handle_for` are what runs.
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ class IpcConfig(SyncCommon):
 
 
 class IpcSender(TrainerEngineSender):
-    """Learner side: vLLM's IPC trainer engine on every rank (rank 0 ships the handles)."""
+    """Learner side: vLLM's IPC trainer engine on every rank (each exports its own GPU's buffer; rank 0 ships
+    the merged handles of all ranks)."""
 
     def trainer_init_info(self):
         from vllm.distributed.weight_transfer.ipc_engine import IPCTrainerInitInfo
@@ -54,9 +61,19 @@ def check_update_info(update_info: dict) -> list:
     return meta
 
 
+def handle_for(update_info: dict, gpu_uuid: str) -> tuple:
+    """The handle a receiver on GPU `gpu_uuid` maps: the buffer of the learner rank on that GPU (vLLM's consumer
+    looks it up the same way), or an error listing the GPUs the learner ranks hold."""
+    handles = update_info["ipc_handles"]
+    if gpu_uuid not in handles:
+        raise WeightSyncError(f"ipc weight transport: no learner rank shares this GPU ({gpu_uuid}); the learner "
+                              f"ranks' GPUs are {sorted(handles)}: a receiver must be colocated with a learner rank")
+    return handles[gpu_uuid]
+
+
 class IpcReceiver:
-    """Receiver side. A vLLM engine receives natively (`vllm_backend`); a colocated teacher maps the shared
-    buffer of each bucket and copies out of it."""
+    """Receiver side. A vLLM engine receives natively (`vllm_backend`); a receiver that applies the tensors
+    itself (an engine serving a LoRA adapter) maps its GPU's shared buffer of each bucket and copies out of it."""
 
     vllm_backend = "ipc"
 
@@ -65,18 +82,14 @@ class IpcReceiver:
 
     def init(self, init_info: dict) -> None:
         if not init_info.get("packed", False):
-            raise WeightSyncError("ipc weight transport: the teacher receives packed buckets only")
+            raise WeightSyncError("ipc weight transport: a non-vLLM receiver takes packed buckets only")
 
     def tensors(self, update_info: dict) -> Iterator[tuple[str, torch.Tensor]]:
         from torch.multiprocessing.reductions import rebuild_cuda_tensor
 
         meta = check_update_info(update_info)
         device = torch.cuda.current_device()
-        uuid = str(torch.cuda.get_device_properties(device).uuid)
-        if uuid not in update_info["ipc_handles"]:
-            raise WeightSyncError(f"ipc weight transport: no handle for this GPU ({uuid}); the teacher must be "
-                                  f"colocated with the learner's rank 0")
-        args = list(update_info["ipc_handles"][uuid])
+        args = list(handle_for(update_info, str(torch.cuda.get_device_properties(device).uuid)))
         args[6] = device  # rebuild on this process's device index
         buffer = rebuild_cuda_tensor(*args)
         for name, view in unpack(buffer, meta):
