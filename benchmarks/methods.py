@@ -12,8 +12,10 @@ that of the per-problem difference (after - before, averaged over seeds). `--trl
 GRPOTrainer on the same warm start, prompts, group size, lr, temperature, lengths and steps
 (benchmarks/throughput.py's worker) as an outside reference row.
 
-Resumable: each finished method/seed leaves OUT/runs/NAME/bench.json and is skipped on a rerun
-(delete that file to redo it), so the benchmark can run across sessions. Writes
+Resumable across sessions and machines: the warm start is built once and copied to OUT/warmstart/
+(every later run, here or on another machine, starts from those exact weights), and each finished
+method/seed leaves OUT/cells/NAME/ (bench.json, the plotted metrics, summary.json), skipped on a
+rerun (delete the folder to redo it). Both are small enough to commit. Writes
   OUT/methods.md    the table (greedy and Avg@k before/after, paired gain +- s.e., entropy, reward)
   OUT/methods.json  the same numbers, per seed
   OUT/methods.png   held-out accuracy (with --eval-every), loss, KL, reward, entropy over steps
@@ -42,15 +44,18 @@ def _tail_mean(rows: list[dict], key: str, last: int = 10) -> float:
     return sum(values) / len(values) if values else math.nan
 
 
-def method_config(method: str, seed: int, args, out: Path):
+def method_config(method: str, seed: int, args, out: Path, model_path: Path | None = None):
+    """The method's config for one seed; `model_path` (the benchmark's warm start) replaces the tiny model."""
     from selfdistill.config import load_config
 
-    overrides = [f"run.name={method}-s{seed}", f"run.output_dir={out / 'runs'}", f"run.steps={args.steps}",
+    overrides = [*([f"model={{kind: pretrained, path: '{model_path}'}}"] if model_path else []),
+                 f"run.name={method}-s{seed}", f"run.output_dir={out / 'runs'}", f"run.steps={args.steps}",
                  f"run.seed={seed}", f"run.eval_size={args.eval_size}", f"run.eval_every={args.eval_every}",
                  "run.save_every=0", "run.progress=false"]
     if args.eval_size > 200:  # the arithmetic task holds out 200 problems unless told more (a new warm start)
         overrides.append(f"data.num_eval={args.eval_size}")
-    return load_config(ROOT / "configs" / "cpu" / f"{method}.yaml", [*overrides, *args.overrides])
+    user = [o for o in args.overrides if not (model_path and o.split("=")[0].split(".")[0] == "model")]
+    return load_config(ROOT / "configs" / "cpu" / f"{method}.yaml", [*overrides, *user])  # model.*: the warm start's
 
 
 def score_model(model_path: str, cfg, k: int) -> dict[str, list[float]]:
@@ -89,10 +94,10 @@ def paired(before: list[float], afters: list[list[float]]) -> dict[str, float]:
             "gain": statistics.fmean(gains), "se": se}
 
 
-def run_method(method: str, seed: int, args, out: Path) -> dict:
+def run_method(method: str, seed: int, args, out: Path, model_path: Path) -> dict:
     from selfdistill.launch.train import train
 
-    cfg = method_config(method, seed, args, out)
+    cfg = method_config(method, seed, args, out, model_path)
     if cfg.run_dir.exists():  # an unfinished attempt: start it again
         shutil.rmtree(cfg.run_dir)
     start = time.perf_counter()
@@ -106,17 +111,17 @@ def run_method(method: str, seed: int, args, out: Path) -> dict:
             "seconds": time.perf_counter() - start}
 
 
-def run_trl(seed: int, args, out: Path, model_path: str) -> dict:
+def run_trl(seed: int, args, out: Path, model_path: Path) -> dict:
     """TRL's GRPOTrainer on the grpo config's prompts and settings (throughput.py's worker), then the same scoring."""
     import throughput
 
-    cfg = method_config("grpo", seed, args, out)
+    cfg = method_config("grpo", seed, args, out, model_path)
     sampling = cfg.rollout.sampling
     run_dir = out / "runs" / f"trl_grpo-s{seed}"
     if run_dir.exists():
         shutil.rmtree(run_dir)
     problems = throughput.prompt_schedule(cfg, args.steps)
-    spec = throughput._trl_spec(cfg, model_path, problems, prompts=cfg.rollout.prompts_per_step, n=sampling.n,
+    spec = throughput._trl_spec(cfg, str(model_path), problems, prompts=cfg.rollout.prompts_per_step, n=sampling.n,
                                 max_new=sampling.max_new_tokens, lr=cfg.learner.lr, temperature=sampling.temperature,
                                 steps=args.steps, micro_groups=cfg.rollout.prompts_per_step, threads=2,
                                 out_dir=str(run_dir / "trainer"))
@@ -176,34 +181,62 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    first = method_config(args.methods[0] if args.methods else "grpo", 0, args, out)
-    model_path = prepare_model(first, Console(live=False))  # the one warm start every run begins from
+    model_path = out / "warmstart"  # the one warm start every run begins from, kept with the results
+    if not (model_path / "config.json").is_file():
+        first = method_config(args.methods[0] if args.methods else "grpo", 0, args, out)
+        built = prepare_model(first, Console(live=False))
+        shutil.rmtree(model_path, ignore_errors=True)
+        shutil.copytree(built, model_path)
+    weights = _digest(model_path / "model.safetensors")
     before_path = out / f"before-{args.eval_size}-k{args.k}.json"
     if not before_path.is_file():
-        before_path.write_text(json.dumps({"model": model_path, **score_model(model_path, first, args.k)}))
+        cfg = method_config(args.methods[0] if args.methods else "grpo", 0, args, out, model_path)
+        before_path.write_text(json.dumps({"model_sha256": weights, **score_model(str(model_path), cfg, args.k)}))
     before = json.loads(before_path.read_text())
-    if before["model"] != model_path:
-        raise SystemExit(f"{before_path} scored {before['model']}, this setting warm-starts {model_path}: use "
-                         "another --out")
+    if before.get("model_sha256") != weights:
+        raise SystemExit(f"{before_path} scored other weights than {model_path}: use another --out")
 
     jobs = [(m, s) for s in range(args.seeds) for m in args.methods] + (
         [("trl_grpo", s) for s in range(args.seeds)] if args.trl else [])
-    results = {}
+    results, report = {}, ""
     for method, seed in jobs:
-        done = out / "runs" / f"{method}-s{seed}" / "bench.json"
-        if done.is_file() and json.loads(done.read_text())["steps"] == args.steps:
-            print(f"{method} seed {seed}: done earlier, kept ({done})", flush=True)
+        name = f"{method}-s{seed}"
+        cell = out / "cells" / name
+        if (cell / "bench.json").is_file() and json.loads((cell / "bench.json").read_text())["steps"] == args.steps:
+            print(f"{name}: done earlier, kept ({cell})", flush=True)
         else:
-            result = run_trl(seed, args, out, model_path) if method == "trl_grpo" else run_method(method, seed, args,
-                                                                                                   out)
-            done.write_text(json.dumps(result))
-            print(f"{method} seed {seed}: {result['seconds']:.0f} s", flush=True)
-        results[f"{method}-s{seed}"] = json.loads(done.read_text())
+            result = run_trl(seed, args, out, model_path) if method == "trl_grpo" else run_method(
+                method, seed, args, out, model_path)
+            keep_cell(out / "runs" / name, cell, {**result, "model_sha256": weights})
+            print(f"{name}: {result['seconds']:.0f} s", flush=True)
+        results[name] = json.loads((cell / "bench.json").read_text())
         report = write_report(out, results, before, args)
     print(report)
-    runs = [out / "runs" / f"{m}-s0" for m in args.methods if (out / "runs" / f"{m}-s0" / "metrics.jsonl").is_file()]
-    if runs:
-        plot_runs(runs, out / "methods.png")
+    curves = [out / "cells" / f"{m}-s0" for m in args.methods if (out / "cells" / f"{m}-s0" / "metrics.jsonl").is_file()]
+    if curves:
+        plot_runs(curves, out / "methods.png")
+
+
+def _digest(path: Path) -> str:
+    import hashlib
+
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def keep_cell(run_dir: Path, cell: Path, result: dict) -> None:
+    """Keep what the report and the plot need of a finished run (small, committable) in `cell`."""
+    from selfdistill.eval.plots import PANELS, _HELD_OUT
+
+    plotted = {"step", *(key for _, keys in PANELS for key in keys)}
+    cell.mkdir(parents=True, exist_ok=True)
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file():
+        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
+        kept = [{k: v for k, v in row.items() if k in plotted or _HELD_OUT.match(k)} for row in rows]
+        (cell / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
+    if (run_dir / "summary.json").is_file():
+        shutil.copy(run_dir / "summary.json", cell / "summary.json")
+    (cell / "bench.json").write_text(json.dumps(result))  # last: its presence marks the cell done
 
 
 if __name__ == "__main__":
