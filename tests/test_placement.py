@@ -271,3 +271,15 @@ def test_engine_args_of_a_tensor_parallel_colocated_engine_are_vllm_engine_args(
         assert (cpu["tensor_parallel_size"], cpu["distributed_executor_backend"]) == (2, "mp")
         parts = env["VLLM_CPU_OMP_THREADS_BIND"].split("|")
         assert len(parts) == 2 and all(parts) and {int(c) for p in parts for c in p.split(",")} <= os.sched_getaffinity(0)
+
+
+def test_a_tensor_parallel_engine_is_checked_per_worker_gpu():
+    """An engine's estimate is per worker (its 1/TP shard and KV cache): the GPU limit applies to it as it is."""
+    path = next(p for p in GPU_CONFIGS if p.parent.name == "qwen3-8b" and p.stem == "grpo")
+    tp2 = [*TP2_GPU, "rollout.num_engines=4", "sync.transport=collective", "sync.backend=nccl"]
+    plan = plan_placement(load_config(path, tp2), ClusterSpec.parse("nodes=2,gpus_per_node=8,gpu_memory_gib=80"))
+    per_worker = plan.role("rollout")[0].memory.total_gib
+    assert "TP 2" in plan.role("rollout")[0].memory.what
+    limit = 0.75 * per_worker  # above half of it: dividing by the engine's GPUs once more would pass
+    with pytest.raises(ConfigError, match=r"placement\.rollout\.gpus: rollout/0 needs about"):
+        plan_placement(load_config(path, tp2), ClusterSpec.parse(f"nodes=2,gpus_per_node=8,gpu_memory_gib={limit}"))

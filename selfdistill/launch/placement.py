@@ -215,7 +215,7 @@ def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = No
                           + f" and no node has that left ({spec.source}; already placed: {placed})")
 
     mem = (lambda f, *a: f(cfg, shape, *a) if shape else None)
-    learner_mem, engine_mem = mem(sizing.learner_memory), mem(sizing.engine_memory, tp if pc.rollout.gpus else 1)
+    learner_mem, engine_mem = mem(sizing.learner_memory), mem(sizing.engine_memory, tp)
     if pc.mode == "colocated":
         # Engine i shares the node of learner ranks i*TP .. (i+1)*TP-1; the GPUs are the learner's.
         for r in range(cfg.learner.num_ranks):
@@ -298,13 +298,16 @@ CPU_FIELDS = {"rollout": "rollout.num_cpus_per_engine", "teacher": "teacher.num_
 def _check_memory(pc: PlacementConfig, spec: ClusterSpec, actors: list[ActorPlan]) -> None:
     from selfdistill.config import ConfigError
 
+    def per_gpu_of(a: ActorPlan) -> float:  # an engine's estimate is per tensor-parallel worker: one GPU already
+        return a.memory.total_gib if a.role == "rollout" else a.memory.total_gib / max(a.gpus, 1)
+
     for role in ("rollout", "teacher", "learner"):
         on_role = [a for a in actors if a.role == role and a.memory and a.gpus]
         for a in on_role[:1]:
-            per_gpu = a.memory.total_gib / a.gpus
+            per_gpu = per_gpu_of(a)
             if pc.mode == "colocated" and role in ("rollout", "learner"):
                 partner = next((b for b in actors if b.role != role and b.role != "teacher" and b.memory), None)
-                per_gpu += partner.memory.total_gib / max(partner.gpus, 1) if partner else 0.0
+                per_gpu += per_gpu_of(partner) if partner else 0.0
             limit = spec.nodes[a.node].gpu_memory_gib
             if limit and per_gpu > limit:
                 raise ConfigError(f"placement.{role}.gpus: {a.actor} needs about {per_gpu:.1f} GiB per GPU "
