@@ -1,9 +1,13 @@
 """Actor failures on the real stack: the rollout engine is SIGKILLed (by pid) while it generates, the
 teacher while it scores (a verifier worker killed mid-check: tests/test_faults.py); the run still
 trains every step on a full batch, counts the failures under fault/*, and its replacement engine
-holds the learner's weights. The weights travel over the gloo collective transport, whose group
-every replacement rejoins (a fresh rendezvous of all receivers; the object store's path is the
-default job's)."""
+holds the learner's weights. Both weight transports are covered: the gloo collective one, whose
+group every replacement rejoins (a fresh rendezvous of all receivers), in an asynchronous pipeline
+run (`rollout.max_staleness: 1`, the engine killed while the learner trains); the object store, the
+default job's, whose kept buckets a replacement loads before it serves (a short run, one kill; its
+objective must move the weights in one step, or the check could not tell old weights from new).
+
+The runs share one local cluster (fixture `local_ray`)."""
 
 from __future__ import annotations
 
@@ -13,51 +17,123 @@ import signal
 import time
 
 import pytest
+import ray
 
 from selfdistill.config import load_config
+from selfdistill.launch.faults import Faults
 from selfdistill.launch.processes import alive
 from selfdistill.launch.roles import Roles
 from selfdistill.launch.train import train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 SYNC_TOLERANCE = 1e-4
+PROBE = list(range(3, 40))  # a fixed token sequence both sides score
 
 
-def _kill_on_call(monkeypatch, method: str, role: str, call: int) -> list[int]:
-    """SIGKILL the `role` actor's process right after Roles.`method` sent it its `call`-th request."""
+def _kill_on_call(monkeypatch, method: str, role: str, call: int, before: bool = False) -> list[int]:
+    """SIGKILL the `role` actor's process right after Roles.`method` sent it its `call`-th request (`before`:
+    just before Roles.`method` runs its `call`-th time)."""
     original, calls, killed = getattr(Roles, method), [], []
 
+    def kill(self):
+        pid = self.pids[role][0] if role == "rollout" else self.pids[role]
+        os.kill(pid, signal.SIGKILL)
+        killed.append(pid)
+
     def sends_then_kills(self, *args):
-        out = original(self, *args)
         calls.append(1)
-        if len(calls) == call:
+        if before and len(calls) == call:
+            kill(self)
+        out = original(self, *args)
+        if not before and len(calls) == call:
             time.sleep(0.05)  # let it start on the request
-            pid = self.pids[role][0] if role == "rollout" else self.pids[role]
-            os.kill(pid, signal.SIGKILL)
-            killed.append(pid)
+            kill(self)
         return out
 
     monkeypatch.setattr(Roles, method, sends_then_kills)
     return killed
 
 
-def test_rollout_and_teacher_killed_mid_call_are_replaced(tmp_path, tiny_model, monkeypatch):
-    killed_engine = _kill_on_call(monkeypatch, "start_stream", "rollout", call=2)  # step 2's generation
-    killed_teacher = _kill_on_call(monkeypatch, "score_async", "teacher", call=3)  # during step 2 or 3
-    cfg = load_config(None, [
-        f"model={{kind: pretrained, path: {tiny_model}}}", f"run.output_dir={tmp_path}", "run.name=faults",
-        "run.steps=4", "run.save_every=0", "run.eval_size=2", "run.progress=false", "rollout.prompts_per_step=4",
-        "rollout.sampling.n=2", "rollout.sampling.max_new_tokens=24", "learner.micro_batch_groups=1",
-        "sync.check_every=1", "sync.transport=collective",
+def _gaps_at_start(monkeypatch) -> list[tuple[float, float]]:
+    """Each replacement's log-prob gap to the learner on PROBE, before and after Faults._start (where it loads
+    the object store's buckets). Faults holds its lock there, so the learner is not training meanwhile."""
+    gaps, start = [], Faults._start
+
+    def measured_start(self, actor, roles):
+        ray.get(actor.ready.remote())
+        learner = roles.learner.sequence_logprobs([PROBE])[0]
+        gap = lambda: max(abs(a - b) for a, b in zip(ray.get(actor.sequence_logprobs.remote([PROBE]))[0], learner))  # noqa: E731
+        before = gap()
+        pid = start(self, actor, roles)
+        gaps.append((before, gap()))
+        return pid
+
+    monkeypatch.setattr(Faults, "_start", measured_start)
+    return gaps
+
+
+def _config(tmp_path, model, name: str, *overrides):
+    return load_config(None, [
+        f"model={{kind: pretrained, path: {model}}}", f"run.output_dir={tmp_path}", f"run.name={name}",
+        "run.save_every=0", "run.progress=false", "rollout.sampling.n=2", "learner.micro_batch_groups=1",
+        "sync.check_every=1", "learner.lr=1e-3", *overrides,  # lr: one step moves the log-probs well past 1e-4
     ])
-    summary = train(cfg)
-    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3, 4]
-    assert all(r["rollout/responses"] == 8 and r["rollout/prompts"] == 4 for r in rows)  # full batches
-    assert rows[-1]["fault/rollout"] == 1 and rows[-1]["fault/teacher"] == 1
+
+
+def _rows(cfg) -> list[dict]:
+    return [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _assert_full_batches(cfg, rows, fault_rollout: int, fault_teacher: int) -> None:
+    """Every step ran, each on prompts_per_step distinct prompts of n responses (nothing lost or duplicated),
+    every receiver held the learner's weights after each sync, and the faults were counted."""
+    prompts, n = cfg.rollout.prompts_per_step, cfg.rollout.sampling.n
+    assert [r["step"] for r in rows] == list(range(1, cfg.run.steps + 1))
+    assert all(r["rollout/responses"] == prompts * n and r["rollout/prompts"] == prompts for r in rows)
+    assert rows[-1]["fault/rollout"] == fault_rollout and rows[-1]["fault/teacher"] == fault_teacher
     assert rows[-1]["fault/learner"] == 0
-    assert all(r["sync/max_logprob_gap"] <= SYNC_TOLERANCE for r in rows)  # replacement holds the weights
-    assert all(r["rollout/staleness_max"] == 0 for r in rows)  # and redid the lost work on the current ones
-    assert killed_engine and killed_teacher and killed_engine[0] not in summary["pids"]["rollout"]
-    for pid in [*summary["pids"]["rollout"], summary["pids"]["teacher"], *killed_engine, *killed_teacher]:
+    assert all(r["sync/max_logprob_gap"] <= SYNC_TOLERANCE for r in rows), [r["sync/max_logprob_gap"] for r in rows]
+
+
+def _assert_stopped(summary, *killed: list[int]) -> None:
+    dead = [pid for pids in killed for pid in pids]
+    last = [*summary["pids"]["rollout"], summary["pids"]["teacher"]]
+    assert dead and not set(dead) & set(last)
+    for pid in [*last, *dead]:
         assert not alive(pid)
+
+
+def test_collective_async_run_replaces_engine_killed_during_train_and_teacher(tmp_path, tiny_model, monkeypatch):
+    """Over the collective transport with one step of staleness: the engine dies while the learner trains step 1
+    (the pipeline is generating step 2's batch), the teacher while it scores."""
+    killed_engine = _kill_on_call(monkeypatch, "train", "rollout", call=1, before=True)
+    killed_teacher = _kill_on_call(monkeypatch, "score_async", "teacher", call=3)
+    gaps = _gaps_at_start(monkeypatch)
+    cfg = _config(tmp_path, tiny_model, "faults", "run.steps=4", "run.eval_size=2", "rollout.prompts_per_step=4",
+                  "rollout.sampling.max_new_tokens=24", "sync.transport=collective", "rollout.max_staleness=1")
+    summary = train(cfg)
+    rows = _rows(cfg)
+    _assert_full_batches(cfg, rows, fault_rollout=1, fault_teacher=1)
+    staleness = [r["rollout/staleness_max"] for r in rows]
+    assert max(staleness) == 1 and all(s >= 0 for s in staleness), staleness  # asynchronous, within the bound
+    # both replacements started from weights the learner had trained past; the fresh group gave them its own
+    assert len(gaps) == 2 and all(before > 10 * SYNC_TOLERANCE for before, _ in gaps), gaps
+    _assert_stopped(summary, killed_engine, killed_teacher)
+
+
+def test_object_store_replacement_loads_the_published_weights_before_it_serves(tmp_path, tiny_model, monkeypatch):
+    """Over the object store: the engine dies generating step 2's batch; its replacement starts from the run's
+    starting weights, which the learner has left behind, and loads step 1's published buckets before it serves."""
+    killed_engine = _kill_on_call(monkeypatch, "start_stream", "rollout", call=2)  # step 2's generation
+    gaps = _gaps_at_start(monkeypatch)
+    cfg = _config(tmp_path, tiny_model, "faults-object-store", "run.steps=2", "run.eval_size=0",
+                  "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=12", "sync.transport=object_store")
+    summary = train(cfg)
+    rows = _rows(cfg)
+    _assert_full_batches(cfg, rows, fault_rollout=1, fault_teacher=0)
+    assert len(gaps) == 1
+    before, after = gaps[0]
+    assert before > 10 * SYNC_TOLERANCE  # the starting weights are not the learner's: the check can tell
+    assert after <= SYNC_TOLERANCE  # the object store's buckets made the replacement the learner's copy
+    assert [r["rollout/staleness_max"] for r in rows] == [0, 0]  # and it redid the lost groups on them
+    _assert_stopped(summary, killed_engine)

@@ -4,9 +4,12 @@ A replacement is built from the run's policy (or teacher) folder and, before it 
 the last published weights, so it holds the version every other receiver holds. The object
 store transport keeps that version's buckets: the replacement loads them, then the learner
 reconnects to the receivers. The collective transports keep no copy: the learner opens a fresh
-group with every receiver (a new rendezvous, the replacement included) and publishes its
-weights again (with `rollout.max_staleness` >= 1 the learner may have trained past the last
-published version meanwhile; the receivers then get its newer weights under that version). The work the
+group with every receiver (a new rendezvous, the replacement included) and publishes the
+weights it holds, under the version they are (`Roles.learner_version`: with
+`rollout.max_staleness` >= 1 the learner may have trained past the last published version).
+A replacement and a learner call (a train step, a publish) never overlap: the learner is idle
+while it reconnects, so the version is exact and the reconnect never waits behind a train
+step (the pipeline thread replaces while the training thread trains). The work the
 dead actor had in flight is sent again (launch/collect.py): prompts keep their per-prompt
 seeds and teacher scoring is deterministic, so redone work equals what was lost. A verifier
 worker that dies mid-check has its answer checked again by a fresh worker
@@ -48,7 +51,7 @@ class Faults:
         self._verifier_seen = 0
         self._replaced: dict = {}  # dead engine handle -> its replacement
         # the pipeline thread and the training thread may both replace; a replacement and the training thread's
-        # weight publishes never overlap
+        # learner calls (train steps, publishes) never overlap
         self._lock = threading.RLock()
 
     def failed(self, role: str, error: BaseException) -> None:
@@ -74,9 +77,11 @@ class Faults:
         return {f"fault/{role}": count for role, count in self.counts.items()}
 
     def call(self, role: str, fn, *args):
-        """Run a stage that cannot be redone here (the learner): an actor failure stops the run cleanly."""
+        """Run a stage that cannot be redone here (the learner): an actor failure stops the run cleanly. No
+        replacement runs meanwhile (it waits for the stage to end)."""
         try:
-            return fn(*args)
+            with self._lock:
+                return fn(*args)
         except RoleFailed:  # the learner group names the rank that died or hung (learner/group.py)
             self.counts[role] += 1
             raise
@@ -85,9 +90,8 @@ class Faults:
             raise RoleFailed(f"the {role} role failed ({type(error).__name__}); the run stops here and the last "
                              f"complete checkpoint is intact: continue with --resume") from error
 
-    def replace_engine(self, roles, engine, error: BaseException, republish: bool = True):
-        """Count `engine`'s failure and put a fresh rollout actor, holding the last published weights, in its place
-        (`republish` False: the caller publishes next anyway).
+    def replace_engine(self, roles, engine, error: BaseException):
+        """Count `engine`'s failure and put a fresh rollout actor, holding the learner's weights, in its place.
 
         Returns the replacement; when both threads saw the same death, the second gets the first's replacement.
         """
@@ -101,11 +105,11 @@ class Faults:
             pid = self._start(new, roles)
             roles.engines[index], roles.pids["rollout"][index] = new, pid
             self._replaced[engine] = new
-            self._reconnect(roles, republish)
+            self._reconnect(roles)
             return new
 
-    def replace_teacher(self, roles, teacher, error: BaseException, republish: bool = True) -> None:
-        """Count `teacher`'s failure and start a fresh teacher holding the last published weights (unless frozen).
+    def replace_teacher(self, roles, teacher, error: BaseException) -> None:
+        """Count `teacher`'s failure and start a fresh teacher holding the learner's weights (unless frozen).
 
         An EMA teacher restarts its average from the last published weights.
         """
@@ -116,7 +120,7 @@ class Faults:
             stop_actors([roles.teacher], [roles.pids["teacher"]], timeout_s=30)
             new = roles.new_teacher()
             roles.teacher, roles.pids["teacher"] = new, self._start(new, roles)
-            self._reconnect(roles, republish)
+            self._reconnect(roles)
 
     def retrying(self, roles, fn, *args):
         """`fn(*args)` (a call on every engine and the teacher, from the training thread); when it fails, replace
@@ -132,9 +136,9 @@ class Faults:
                 if not dead and not teacher_dead:
                     return self.call("learner", _raise, error)
                 for engine in dead:
-                    self.replace_engine(roles, engine, error, republish=False)
+                    self.replace_engine(roles, engine, error)
                 if teacher_dead:
-                    self.replace_teacher(roles, teacher, error, republish=False)
+                    self.replace_teacher(roles, teacher, error)
 
     def _start(self, actor, roles) -> int:
         pid = ray.get(actor.ready.remote(), timeout=self.cfg.start_timeout_s)
@@ -143,15 +147,16 @@ class Faults:
             ray.get(actor.load_weights.remote(handle, version), timeout=self.cfg.call_timeout_s)
         return pid
 
-    def _reconnect(self, roles, republish: bool) -> None:
+    def _reconnect(self, roles) -> None:
         """The learner sends the next versions to the receivers as they are now (the replacement included): a
-        fresh rendezvous; a transport that kept no copy of the last published version gets it sent again."""
+        fresh rendezvous. A transport that kept no copy of the last published version sends the learner's weights
+        again, once it has trained past the starting weights the replacement was built with."""
         if roles.learner is None:
             return
         roles.learner.connect_weights(roles.receivers(), roles.receiver_ranks())
-        handle, version = getattr(roles, "published", None) or (None, None)
-        if republish and version is not None and handle is None:
-            roles.publish(version)
+        handle, _ = getattr(roles, "published", None) or (None, None)
+        if handle is None and roles.learner_version != roles.start_version:
+            roles.publish(roles.learner_version)
 
     def _answers(self, actor) -> bool:
         try:

@@ -38,6 +38,7 @@ class Roles:
             self.plan = plan_placement(cfg, ClusterSpec.live(), contexts)  # ConfigError before any actor starts
             self.placements = RolePlacements(cfg, self.plan)
             self.policy_path, self.teacher_path, self.start_version = policy_path, teacher_path, version
+            self.learner_version = version  # the learner's weights: version v = after v steps (see `train`)
             self.engines = [self.new_engine(i) for i in range(cfg.rollout.num_engines)]
             if contexts:
                 self.teacher = self.new_teacher()
@@ -120,11 +121,16 @@ class Roles:
         """One learner step. Colocated, the engines first sleep (`sleep(level=1)`: weights offloaded, KV cache
         dropped), giving the learner their GPUs; `publish` wakes them."""
         if not self.colocated:
-            return self.learner.train_step(trajs, scores)
+            return self._train_step(trajs, scores)
         start = time.perf_counter()
         self._engines("sleep")
         slept = time.perf_counter() - start
-        return {**self.learner.train_step(trajs, scores), "colocate_sleep_s": slept}
+        return {**self._train_step(trajs, scores), "colocate_sleep_s": slept}
+
+    def _train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
+        metrics = self.learner.train_step(trajs, scores)
+        self.learner_version += 1
+        return metrics
 
     def publish(self, version: int) -> dict[str, float]:
         """Learner -> every engine and the (live or EMA) teacher; all hold `version` on return.
