@@ -5,11 +5,15 @@
   teacher scoring exactly as the learner after every sync.
 - A receiver killed in the middle of a transfer makes the send raise, naming it, within
   `sync.timeout_s`; nothing hangs.
-- A tensor-parallel engine (2 workers) receives through the same collective, one rank per worker.
+- The gloo run's engine is tensor parallel (placement.rollout.tensor_parallel_size=2: vLLM's
+  multiprocess executor on CPU), so that comparison also checks a 2-worker engine receiving through
+  the collective at one rank per worker and scoring as the learner after every sync; its worker
+  processes are seen during the run and gone after it.
 """
 
 import os
 import signal
+import threading
 import time
 
 import psutil
@@ -47,10 +51,46 @@ def _run(tmp_path, model, name, *overrides):
     return load_file(latest_checkpoint(cfg.run_dir) / "model.safetensors")
 
 
+class _TensorParallelWorkers:
+    """Process ids of vLLM's tensor-parallel workers (process title VLLM::Worker_TP<rank>) among this test's
+    descendants (its Ray cluster's processes), seen while it runs."""
+
+    def __init__(self):
+        self.seen: dict[int, str] = {}
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+
+    def _watch(self):
+        me = psutil.Process()
+        while not self.stop.wait(0.5):
+            for proc in me.children(recursive=True):
+                try:
+                    title = " ".join(proc.cmdline())
+                except psutil.Error:  # gone meanwhile
+                    continue
+                if title.startswith("VLLM::Worker_TP"):
+                    self.seen.setdefault(proc.pid, title.split()[0])
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop.set()
+        self.thread.join()
+
+
 def test_gloo_collective_and_object_store_give_identical_weights(tmp_path, tiny_model, monkeypatch):
     monkeypatch.setenv("RAY_ADDRESS", "local")  # a cluster of its own, even where other Ray clusters run
     store = _run(tmp_path, tiny_model, "object-store")
-    gloo = _run(tmp_path, tiny_model, "gloo", "sync.transport=collective", "sync.backend=gloo", "sync.timeout_s=60")
+    with _TensorParallelWorkers() as workers:  # the gloo run's engine: 2 tensor-parallel workers, a rank each
+        gloo = _run(tmp_path, tiny_model, "gloo", "sync.transport=collective", "sync.backend=gloo",
+                    "sync.timeout_s=60", "placement.rollout.tensor_parallel_size=2", "rollout.num_cpus_per_engine=2")
+    assert sorted(set(workers.seen.values())) == ["VLLM::Worker_TP0", "VLLM::Worker_TP1"], workers.seen
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and any(alive(pid) for pid in workers.seen):
+        time.sleep(0.2)
+    assert not [pid for pid in workers.seen if alive(pid)], "worker processes left behind"
     before = load_file(tiny_model / "model.safetensors")
     assert set(store) == set(gloo)
     assert any(not torch.equal(store[k], before[k]) for k in store)  # training moved the weights
@@ -98,56 +138,3 @@ def test_receiver_killed_mid_transfer_is_named_within_the_timeout(tiny_model):
         for pid in pids:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
-
-
-def test_tensor_parallel_engine_receives_at_one_collective_rank_per_worker(tiny_model):
-    """A rollout engine over 2 tensor-parallel workers (vLLM's multiprocess executor on CPU; the Ray executor on
-    GPUs) takes weights through the gloo collective with each worker its own rank (the learner's client counts 2
-    ranks for it), and then scores exactly as transformers does with those weights."""
-    from transformers import AutoModelForCausalLM
-
-    from selfdistill.rollout.actor import RolloutActor
-    from selfdistill.rollout.base import EngineConfig, EngineExecutor
-
-    cfg = CollectiveConfig(backend="gloo", timeout_s=120.0, bucket_mb=0.05)
-    state = load_file(tiny_model / "model.safetensors")
-    meta = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
-    generator = torch.Generator().manual_seed(0)
-    new = {n: t + 0.05 * torch.randn(t.shape, generator=generator) for n, t in state.items()}
-    sequence = [1, 5, 9, 2, 7, 3, 11, 4]
-
-    def reference(weights) -> list[float]:
-        model = AutoModelForCausalLM.from_pretrained(tiny_model, torch_dtype=torch.float32)
-        model.load_state_dict(weights, strict=False)
-        logits = model(torch.tensor([sequence])).logits[0, :-1].log_softmax(-1)
-        return logits.gather(-1, torch.tensor(sequence[1:])[:, None])[:, 0].tolist()
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
-    pid, workers = None, []
-    try:
-        engine = EngineConfig(enforce_eager=True, kv_cache_gib=0.1, max_model_len=64)
-        actor = ray.remote(RolloutActor).options(num_cpus=2).remote(str(tiny_model), engine, cfg, 0, EngineExecutor(2))
-        pid = ray.get(actor.ready.remote())
-        workers = psutil.Process(pid).children(recursive=True)  # vLLM's worker processes
-        tp = ray.get(actor.__ray_call__.remote(
-            lambda a: a.engine.llm.llm_engine.vllm_config.parallel_config.tensor_parallel_size))
-        assert tp == 2
-        before = ray.get(actor.sequence_logprobs.remote([sequence]))[0]
-        assert max(abs(a - b) for a, b in zip(before, reference(state))) <= 1e-4
-        receivers = Receivers({"engine 0": actor}, {"engine 0": 2}, timeout_s=cfg.timeout_s)
-        assert receivers.world_size == 3  # the sender and both workers
-        sender = build_sender(cfg, 0, receivers)
-        sender.connect(Weights(meta, lambda: [new]))
-        sender.send(Weights(meta, lambda: [{n: t} for n, t in new.items()]), version=1)
-        after = ray.get(actor.sequence_logprobs.remote([sequence]))[0]
-        assert max(abs(a - b) for a, b in zip(after, reference(new))) <= 1e-4
-        assert max(abs(a - b) for a, b in zip(after, before)) > 1e-3  # the update changed what it scores
-        assert ray.get(actor.weight_version.remote()) == 1
-    finally:
-        ray.shutdown()
-        if pid is not None and alive(pid):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and any(alive(w.pid) for w in workers):
-        time.sleep(0.2)
-    assert len(workers) >= 2 and not [w.pid for w in workers if alive(w.pid)], "worker processes left behind"
