@@ -188,6 +188,13 @@ def plan_placement(cfg, spec: ClusterSpec, contexts: tuple[str, ...] | None = No
         raise ConfigError(f"placement.rollout.tensor_parallel_size: an engine's {tp} tensor-parallel GPUs "
                           f"(placement.rollout.gpus={pc.rollout.gpus}) must sit on one node, and the largest node "
                           f"has {max_node_gpus:g} ({spec.source})")
+    if cfg.sync.transport == "ipc" and shape:
+        largest = shape.vocab_size * shape.hidden_size * 4  # the embedding, sent in float32 (learner/actor.py)
+        if largest > cfg.sync.bucket_bytes:
+            raise ConfigError(f"sync.bucket_mb: vLLM's IPC producer packs into one shared buffer per learner GPU that "
+                              f"every tensor must fit, and the embedding ({shape.vocab_size} x {shape.hidden_size} "
+                              f"float32) holds {largest / 2**20:.0f} MiB; set sync.bucket_mb to at least "
+                              f"{-(-largest // 2**20)} (got {cfg.sync.bucket_mb:g})")
     free = [{"CPU": n.cpus, "GPU": n.gpus, **n.resources} for n in spec.nodes]
     actors: list[ActorPlan] = []
 

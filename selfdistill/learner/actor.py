@@ -3,8 +3,8 @@
 Each rank takes whole prompt groups, splits them into micro-batches, computes the student
 log-probs with gradients (logits / temperature, log-softmax over the vocabulary), asks the
 objective for a loss, and accumulates gradients; one optimizer step closes the training
-step. Ranks rendezvous over gloo on loopback (CPU) or NCCL (GPU) through the usual
-MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE variables.
+step. Ranks communicate over gloo (CPU) or NCCL (GPU) and meet at rank 0's node
+(learner/rendezvous.py: a file store on loopback, else a TCPStore listening on that node's address only).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from selfdistill.config import TrainConfig
 from selfdistill.learner.batching import MicroBatch, collate, micro_batch_plan
 from selfdistill.learner.objectives import build_objective
 from selfdistill.learner.objectives.base import ObjectiveInputs
+from selfdistill.learner.rendezvous import rendezvous
 from selfdistill.models.attention import attention_kernel, placement_device
 from selfdistill.learner.safe_load import load_weights_only
 from selfdistill.models import lora
@@ -38,16 +39,11 @@ class LearnerActor:
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(rank) if not torch.cuda.is_available() else "0",
         )
-        init_method = None
-        if master_addr.startswith("127."):  # the rendezvous and gloo's own sockets stay on loopback
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-            # torch's TCPStore listens on every interface whatever MASTER_ADDR says; a file store listens on none.
-            import tempfile
+        import ray
 
-            import ray
-
-            job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else str(os.getpid())
-            init_method = f"file://{tempfile.gettempdir()}/selfdistill-rendezvous-{job}-{master_port}"
+        job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else str(os.getpid())
+        # loopback: a file store; a cluster: a TCPStore listening on the master's address only (learner/rendezvous.py)
+        meet = rendezvous(master_addr, master_port, rank, world_size, cfg.faults.start_timeout_s, job)
         torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_rank)))
         torch.manual_seed(cfg.run.seed)
         import deepspeed
@@ -55,7 +51,9 @@ class LearnerActor:
         # The shared-memory comm op compiles for ~90 s at every init on CPU; gloo needs none of it.
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         backend = "nccl" if torch.cuda.is_available() else "gloo"
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=init_method,
+        if "store" in meet:  # DeepSpeed takes no store: it adopts the group torch.distributed already has
+            torch.distributed.init_process_group(backend, store=meet["store"], rank=rank, world_size=world_size)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=meet.get("init_method"),
                                    rank=rank, world_size=world_size)
 
         self.cfg, self.rank, self.world_size = cfg, rank, world_size
