@@ -10,7 +10,8 @@ import pytest
 
 from selfdistill.config import ConfigError, TrainConfig, load_config
 from selfdistill.launch import sizing
-from selfdistill.launch.placement import COLOCATED_SHARE, ClusterSpec, NodeSpec, bundle_layout, plan_placement
+from selfdistill.launch.placement import COLOCATED_SHARE, ClusterSpec, NodeSpec, bundle_layout, engine_executor, \
+    plan_placement
 
 TP2_GPU = ["placement.rollout.tensor_parallel_size=2", "placement.rollout.gpus=2"]
 GPU_CONFIGS = sorted(Path(__file__).resolve().parents[1].glob("configs/gpu/*/*.yaml"))
@@ -170,7 +171,7 @@ def test_tensor_parallel_and_transport_mismatches_name_the_field(overrides, spec
 def test_cpu_tensor_parallel_engines_read_the_same_field():
     """On CPU the one field sets vLLM's multiprocess workers: one bundle per engine with its CPUs, no worker
     bundles, and the executor the actor gets says tensor_parallel_size 2; the dry-run shows it."""
-    from selfdistill.launch.placement import RolePlacements, dry_run
+    from selfdistill.launch.placement import dry_run
 
     cfg = load_config(None, [*CPU_TP2, "rollout.num_engines=2", "rollout.prompts_per_step=4"])
     plan = plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=0,cpus_per_node=8"))
@@ -180,9 +181,8 @@ def test_cpu_tensor_parallel_engines_read_the_same_field():
     layout = bundle_layout(cfg, plan)
     assert layout.groups["rollout"][0] == [{"CPU": 2.0}] * 2
     assert [layout.slots[("rollout", e)].workers for e in range(2)] == [[], []]
-    placements = RolePlacements.__new__(RolePlacements)  # the executor without a cluster: layout and TP only
-    placements.layout, placements.tensor_parallel_size = layout, 2
-    assert placements.executor(1).tensor_parallel_size == 2 and placements.executor(1).bundle_indices == []
+    executor = engine_executor(layout.slots[("rollout", 1)], [0, 1], cfg.placement.rollout.tensor_parallel_size)
+    assert (executor.tensor_parallel_size, executor.bundle_indices) == (2, [])
     out = dry_run(cfg, "nodes=1,gpus_per_node=0,cpus_per_node=8")
     assert "tensor_parallel_size: 2" in out and "2 workers per engine" in out
 
@@ -253,7 +253,8 @@ def test_engine_args_of_a_tensor_parallel_colocated_engine_are_vllm_engine_args(
                              "rollout.num_engines=2", "learner.num_ranks=4", "sync.transport=ipc"])
     layout = bundle_layout(cfg, plan_placement(cfg, ClusterSpec.parse("nodes=1,gpus_per_node=8")))
     slot = layout.slots[("rollout", 1)]
-    executor = EngineExecutor(len(slot.workers), [7 - p for p in slot.workers], slot.worker_gpus)  # granted order
+    executor = engine_executor(slot, [7 - p for p in range(8)], 2)  # bundles granted in reverse order
+    assert (executor.tensor_parallel_size, executor.worker_gpus) == (2, COLOCATED_SHARE)
     kwargs, env = llm_args("model", EngineConfig(kv_cache_gib=None), None, "ipc", executor, enable_sleep_mode=True)
     assert kwargs["tensor_parallel_size"] == 2 and kwargs["distributed_executor_backend"] == "ray"
     assert kwargs["enable_sleep_mode"] is True and kwargs["weight_transfer_config"] == {"backend": "ipc"}

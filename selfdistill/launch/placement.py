@@ -434,6 +434,17 @@ def bundle_layout(cfg, plan: Plan) -> Layout:
     return Layout(groups, slots)
 
 
+def engine_executor(slot: Slot, order: list[int], tensor_parallel_size: int):
+    """How an engine in `slot` runs vLLM (`rollout.base.EngineExecutor`): `placement.rollout.tensor_parallel_size`
+    workers; GPU workers in their bundles (positions mapped to the group's bundle indices by `order`, the granted
+    order by node), CPU workers inside the engine's own bundle (no bundle indices: vLLM's multiprocess executor)."""
+    from selfdistill.rollout.base import EngineExecutor
+
+    if not slot.workers:
+        return EngineExecutor(tensor_parallel_size)
+    return EngineExecutor(len(slot.workers), [order[p] for p in slot.workers], slot.worker_gpus)
+
+
 def ipc_routes(layout: Layout) -> dict[int, list[int]]:
     """Colocated engines over CUDA IPC: engine -> the learner ranks whose GPU buffers its workers map, one per
     worker, in tensor-parallel rank order (the ranks sharing its bundles). Every learner rank exports its own
@@ -494,15 +505,9 @@ class RolePlacements:
         return dict(num_cpus=member.cpus, num_gpus=slot.gpus, scheduling_strategy=strategy)
 
     def executor(self, index: int):
-        """How engine `index` runs vLLM (`rollout.base.EngineExecutor`): `placement.rollout.tensor_parallel_size`
-        workers; on GPUs with their bundles as indices of its placement group, on CPU inside the engine's bundle."""
-        from selfdistill.rollout.base import EngineExecutor
-
+        """How engine `index` runs vLLM (`engine_executor` over the granted bundle order)."""
         slot = self.layout.slots[("rollout", index)]
-        if not slot.workers:
-            return EngineExecutor(self.tensor_parallel_size)
-        order = self.order[slot.group]
-        return EngineExecutor(len(slot.workers), [order[p] for p in slot.workers], slot.worker_gpus)
+        return engine_executor(slot, self.order.get(slot.group, []), self.tensor_parallel_size)
 
     def node_address(self, role: str, index: int) -> str:
         """IP address of the node that holds actor `index` of `role` (the learner's rendezvous host)."""
