@@ -1,23 +1,21 @@
 """Surviving actor failures: a dead or hung rollout engine or teacher is replaced and its work redone.
 
-A replacement is built from the run's policy (or teacher) folder and, before it serves, gets
-the last published weights, so it holds the version every other receiver holds. The object
-store transport keeps that version's buckets: the replacement loads them, then the learner
-reconnects to the receivers. The collective transports keep no copy: the learner opens a fresh
-group with every receiver (a new rendezvous, the replacement included) and publishes the
-weights it holds, under the version they are (`Roles.learner_version`: with
-`rollout.max_staleness` >= 1 the learner may have trained past the last published version).
-A replacement and a learner call (a train step, a publish) never overlap: the learner is idle
-while it reconnects, so the version is exact and the reconnect never waits behind a train
-step (the pipeline thread replaces while the training thread trains). The work the
-dead actor had in flight is sent again (launch/collect.py): prompts keep their per-prompt
-seeds and teacher scoring is deterministic, so redone work equals what was lost. A verifier
-worker that dies mid-check has its answer checked again by a fresh worker
-(rewards/deadline_pool.py). Every failure is counted (`fault/<role>` in metrics.jsonl) and
-printed; more than `faults.max_failures` failures of one role within `faults.window_s` stop
-the run with `RoleFailed` instead of looping. A learner rank that dies or does not answer in
-time stops the run (`LearnerFailed`, a `RoleFailed` naming the rank, learner/group.py) with the
-last checkpoint intact, to be continued with `--resume auto`.
+A replacement is built from the run's policy (or teacher) folder and, before it serves, gets the
+weights every other receiver holds. The object store transport keeps the last published version's
+buckets: the replacement loads them, then the learner reconnects to the receivers. The collective
+transports keep no copy: the learner opens a fresh group with every receiver (a new rendezvous, the
+replacement included) and publishes the weights it holds, under the version they are
+(`Roles.learner_version`: with `rollout.max_staleness` >= 1 the learner may have trained past the
+last published version). A replacement and a learner call (a train step, a publish) never overlap:
+the learner is idle while it reconnects, so the version is exact and the reconnect never waits
+behind a train step (the pipeline thread replaces while the training thread trains). The work the
+dead actor had in flight is sent again (launch/collect.py): prompts keep their per-prompt seeds and
+teacher scoring is deterministic, so redone work equals what was lost. A verifier worker that dies
+mid-check has its answer checked again by a fresh worker (rewards/deadline_pool.py). Every failure
+is counted (`fault/<role>` in metrics.jsonl) and printed; more than `faults.max_failures` failures
+of one role within `faults.window_s` stop the run with `RoleFailed` instead of looping. A learner
+rank that dies or does not answer in time stops the run (`LearnerFailed`, a `RoleFailed` naming the
+rank, learner/group.py) with the last checkpoint intact, to be continued with `--resume auto`.
 """
 
 from __future__ import annotations
