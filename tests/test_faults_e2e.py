@@ -3,7 +3,7 @@ teacher while it scores (a verifier worker killed mid-check: tests/test_faults.p
 trains every step on a full batch, counts the failures under fault/*, and its replacement engine
 holds the learner's weights. Both weight transports are covered: the gloo collective one, whose
 group every replacement rejoins (a fresh rendezvous of all receivers), in an asynchronous pipeline
-run (`rollout.max_staleness: 1`, the engine killed while the learner trains); the object store, the
+run (`rollout.max_staleness: 1`, the engine killed mid-generation as the learner trains); the object store, the
 default job's, whose kept buckets a replacement loads before it serves (a short run, one kill; its
 objective must move the weights in one step, or the check could not tell old weights from new).
 
@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import threading
 import time
 
 import pytest
@@ -30,27 +31,46 @@ SYNC_TOLERANCE = 1e-4
 PROBE = list(range(3, 40))  # a fixed token sequence both sides score
 
 
-def _kill_on_call(monkeypatch, method: str, role: str, call: int, before: bool = False) -> list[int]:
-    """SIGKILL the `role` actor's process right after Roles.`method` sent it its `call`-th request (`before`:
-    just before Roles.`method` runs its `call`-th time)."""
+def _kill_on_call(monkeypatch, method: str, role: str, call: int) -> list[int]:
+    """SIGKILL the `role` actor's process right after Roles.`method` sent it its `call`-th request."""
     original, calls, killed = getattr(Roles, method), [], []
 
-    def kill(self):
-        pid = self.pids[role][0] if role == "rollout" else self.pids[role]
-        os.kill(pid, signal.SIGKILL)
-        killed.append(pid)
-
     def sends_then_kills(self, *args):
-        calls.append(1)
-        if before and len(calls) == call:
-            kill(self)
         out = original(self, *args)
-        if not before and len(calls) == call:
+        calls.append(1)
+        if len(calls) == call:
             time.sleep(0.05)  # let it start on the request
-            kill(self)
+            pid = self.pids[role][0] if role == "rollout" else self.pids[role]
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
         return out
 
     monkeypatch.setattr(Roles, method, sends_then_kills)
+    return killed
+
+
+def _kill_engine_generating_step_3_as_step_2_trains(monkeypatch) -> list[int]:
+    """SIGKILL the engine just before the learner's step 2, once the pipeline has sent it step 3's prompts."""
+    start_stream, train, streams, killed = Roles.start_stream, Roles.train, [], []
+    third = threading.Event()
+
+    def counted(self, *args):
+        out = start_stream(self, *args)
+        streams.append(1)
+        if len(streams) == 3:  # one engine, one chunk per step until the kill
+            third.set()
+        return out
+
+    def kills_then_trains(self, *args):
+        if self.learner_version == 1:
+            assert third.wait(120), "the pipeline never started step 3"
+            time.sleep(0.05)  # let it start on the request
+            os.kill(self.pids["rollout"][0], signal.SIGKILL)
+            killed.append(self.pids["rollout"][0])
+        return train(self, *args)
+
+    monkeypatch.setattr(Roles, "start_stream", counted)
+    monkeypatch.setattr(Roles, "train", kills_then_trains)
     return killed
 
 
@@ -104,9 +124,9 @@ def _assert_stopped(summary, *killed: list[int]) -> None:
 
 
 def test_collective_async_run_replaces_engine_killed_during_train_and_teacher(tmp_path, tiny_model, monkeypatch):
-    """Over the collective transport with one step of staleness: the engine dies while the learner trains step 1
-    (the pipeline is generating step 2's batch), the teacher while it scores."""
-    killed_engine = _kill_on_call(monkeypatch, "train", "rollout", call=1, before=True)
+    """Over the collective transport with one step of staleness: the engine dies generating step 3's batch as the
+    learner starts step 2, the teacher while it scores."""
+    killed_engine = _kill_engine_generating_step_3_as_step_2_trains(monkeypatch)
     killed_teacher = _kill_on_call(monkeypatch, "score_async", "teacher", call=3)
     gaps = _gaps_at_start(monkeypatch)
     cfg = _config(tmp_path, tiny_model, "faults", "run.steps=4", "run.eval_size=2", "rollout.prompts_per_step=4",
@@ -116,6 +136,9 @@ def test_collective_async_run_replaces_engine_killed_during_train_and_teacher(tm
     _assert_full_batches(cfg, rows, fault_rollout=1, fault_teacher=1)
     staleness = [r["rollout/staleness_max"] for r in rows]
     assert max(staleness) == 1 and all(s >= 0 for s in staleness), staleness  # asynchronous, within the bound
+    # the replacement waited for step 2 to end and rejoined with its weights, under their version (2): the groups
+    # it redid are on-policy, those done before the kill one version behind
+    assert rows[2]["rollout/staleness_mean"] < 1, rows[2]
     # both replacements started from weights the learner had trained past; the fresh group gave them its own
     assert len(gaps) == 2 and all(before > 10 * SYNC_TOLERANCE for before, _ in gaps), gaps
     _assert_stopped(summary, killed_engine, killed_teacher)
