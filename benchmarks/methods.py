@@ -24,6 +24,7 @@ rerun (delete the folder to redo it). Both are small enough to commit. Writes
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import shutil
@@ -95,6 +96,7 @@ def paired(before: list[float], afters: list[list[float]]) -> dict[str, float]:
 
 
 def run_method(method: str, seed: int, args, out: Path, model_path: Path) -> dict:
+    from selfdistill.eval.plots import read_metrics
     from selfdistill.launch.train import train
 
     cfg = method_config(method, seed, args, out, model_path)
@@ -103,7 +105,7 @@ def run_method(method: str, seed: int, args, out: Path, model_path: Path) -> dic
     start = time.perf_counter()
     summary = train(cfg)
     scores = score_model(summary["checkpoint"], cfg, args.k)
-    rows = [json.loads(line) for line in (cfg.run_dir / "metrics.jsonl").read_text().splitlines() if line]
+    rows = read_metrics(cfg.run_dir)
     return {"method": method, "seed": seed, "steps": args.steps, "scores": scores,
             "entropy": _tail_mean(rows, "train/entropy"), "reward": _tail_mean(rows, "reward/mean"),
             "teacher_student_kl": _tail_mean(rows, next((k for k in rows[-1] if k.startswith(
@@ -182,15 +184,15 @@ def main(argv: list[str] | None = None) -> None:
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     model_path = out / "warmstart"  # the one warm start every run begins from, kept with the results
+    first = args.methods[0] if args.methods else "grpo"
     if not (model_path / "config.json").is_file():
-        first = method_config(args.methods[0] if args.methods else "grpo", 0, args, out)
-        built = prepare_model(first, Console(live=False))
+        built = prepare_model(method_config(first, 0, args, out), Console(live=False))
         shutil.rmtree(model_path, ignore_errors=True)
         shutil.copytree(built, model_path)
-    weights = _digest(model_path / "model.safetensors")
+    weights = hashlib.sha256((model_path / "model.safetensors").read_bytes()).hexdigest()
     before_path = out / f"before-{args.eval_size}-k{args.k}.json"
     if not before_path.is_file():
-        cfg = method_config(args.methods[0] if args.methods else "grpo", 0, args, out, model_path)
+        cfg = method_config(first, 0, args, out, model_path)
         before_path.write_text(json.dumps({"model_sha256": weights, **score_model(str(model_path), cfg, args.k)}))
     before = json.loads(before_path.read_text())
     if before.get("model_sha256") != weights:
@@ -202,14 +204,16 @@ def main(argv: list[str] | None = None) -> None:
     for method, seed in jobs:
         name = f"{method}-s{seed}"
         cell = out / "cells" / name
-        if (cell / "bench.json").is_file() and json.loads((cell / "bench.json").read_text())["steps"] == args.steps:
+        kept = json.loads((cell / "bench.json").read_text()) if (cell / "bench.json").is_file() else None
+        if kept and kept["steps"] == args.steps:
             print(f"{name}: done earlier, kept ({cell})", flush=True)
         else:
             result = run_trl(seed, args, out, model_path) if method == "trl_grpo" else run_method(
                 method, seed, args, out, model_path)
-            keep_cell(out / "runs" / name, cell, {**result, "model_sha256": weights})
+            kept = {**result, "model_sha256": weights}
+            keep_cell(out / "runs" / name, cell, kept)
             print(f"{name}: {result['seconds']:.0f} s", flush=True)
-        results[name] = json.loads((cell / "bench.json").read_text())
+        results[name] = kept
         report = write_report(out, results, before, args)
     print(report)
     curves = [out / "cells" / f"{m}-s0" for m in args.methods if (out / "cells" / f"{m}-s0" / "metrics.jsonl").is_file()]
@@ -217,22 +221,13 @@ def main(argv: list[str] | None = None) -> None:
         plot_runs(curves, out / "methods.png")
 
 
-def _digest(path: Path) -> str:
-    import hashlib
-
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def keep_cell(run_dir: Path, cell: Path, result: dict) -> None:
     """Keep what the report and the plot need of a finished run (small, committable) in `cell`."""
-    from selfdistill.eval.plots import PANELS, _HELD_OUT
+    from selfdistill.eval.plots import plotted, read_metrics
 
-    plotted = {"step", *(key for _, keys in PANELS for key in keys)}
     cell.mkdir(parents=True, exist_ok=True)
-    metrics = run_dir / "metrics.jsonl"
-    if metrics.is_file():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line]
-        kept = [{k: v for k, v in row.items() if k in plotted or _HELD_OUT.match(k)} for row in rows]
+    if (run_dir / "metrics.jsonl").is_file():
+        kept = [{k: v for k, v in row.items() if plotted(k)} for row in read_metrics(run_dir)]
         (cell / "metrics.jsonl").write_text("".join(json.dumps(row) + "\n" for row in kept))
     if (run_dir / "summary.json").is_file():
         shutil.copy(run_dir / "summary.json", cell / "summary.json")

@@ -11,7 +11,8 @@ import threading
 import psutil
 import pytest
 
-from selfdistill.learner.rendezvous import bound_store, interface_of, rendezvous
+from selfdistill.learner.rendezvous import interface_of, rendezvous
+from selfdistill.weights.collective import bound_store
 
 
 def _free_port() -> int:

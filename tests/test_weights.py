@@ -7,7 +7,7 @@ from selfdistill.config import ConfigError, load_config
 from selfdistill.weights import CollectiveConfig, IpcConfig, ObjectStoreConfig, TensorMeta, WeightSyncError, bucket_plan, \
     checked
 from selfdistill.weights.base import meta_from_update_info, pack, unpack, update_info
-from selfdistill.weights.ipc import check_update_info, handle_for, ipc_bucket_plan
+from selfdistill.weights.ipc import check_update_info, handle_for
 
 
 def test_bucket_plan_closes_a_bucket_once_it_exceeds_the_buffer():
@@ -30,20 +30,6 @@ def test_bucket_plan_cuts_where_vllms_packed_producer_cuts():
         vllm_chunks.append(chunk.names)
     ours = [[tensors[i][0] for i in part] for part in bucket_plan([t.numel() * 4 for _, t in tensors], buffer)]
     assert ours == vllm_chunks
-
-
-def test_ipc_bucket_plan_fills_the_shared_buffer_without_overflowing_it():
-    # 4+4 fit 8; a third 4 would overflow: [0, 1]; 4+3 fit, +2 overflows: [2, 3]; [4]
-    assert ipc_bucket_plan([4, 4, 4, 3, 2], 8) == [range(0, 2), range(2, 4), range(4, 5)]
-    assert ipc_bucket_plan([8, 1], 8) == [range(0, 1), range(1, 2)]  # exactly full closes before the next
-    assert bucket_plan([8, 1], 8) == [range(0, 2)]  # where NCCL's rule keeps going past the buffer
-    assert ipc_bucket_plan([], 8) == []
-    with pytest.raises(ValueError, match="tensor 1 holds 9 bytes, more than the 8-byte shared buffer"):
-        ipc_bucket_plan([1, 9], 8)
-    for sizes in ([3] * 10, [5, 1, 7, 2, 2, 8, 1]):
-        plan = ipc_bucket_plan(sizes, 8)
-        assert [i for part in plan for i in part] == list(range(len(sizes)))  # every tensor once, in order
-        assert all(sum(sizes[i] for i in part) <= 8 for part in plan)
 
 
 def test_ipc_bucket_must_hold_the_largest_tensor():

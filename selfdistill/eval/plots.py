@@ -34,6 +34,11 @@ _HELD_OUT = re.compile(r"^eval/avg@\d+$")
 SMOOTH_FROM = 20  # points; shorter curves are drawn as they are
 
 
+def plotted(key: str) -> bool:
+    """Whether `plot_runs` draws metric `key` (a panel's key or a held-out accuracy)."""
+    return key == "step" or bool(_HELD_OUT.match(key)) or any(key in keys for _, keys in PANELS)
+
+
 def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
     """The rows of a run's metrics.jsonl (one dict per logged step); a broken last line is ignored."""
     rows = []

@@ -10,11 +10,11 @@ says. gloo's and NCCL's own sockets then use the interface that holds the rank's
 
 from __future__ import annotations
 
-import datetime
 import os
 import tempfile
 
 from selfdistill.launch.cluster import is_loopback
+from selfdistill.weights.collective import bound_store  # the weights' group serves its store the same way
 
 
 def rendezvous(master_addr: str, port: int, rank: int, world_size: int, timeout_s: float, job: str) -> dict:
@@ -30,18 +30,6 @@ def rendezvous(master_addr: str, port: int, rank: int, world_size: int, timeout_
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
     return {"store": bound_store(master_addr, port, rank, world_size, timeout_s)}
-
-
-def bound_store(address: str, port: int, rank: int, world_size: int, timeout_s: float):
-    """A TCPStore for `world_size` ranks; rank 0 (the master) serves on (address, port) and nowhere else."""
-    from torch.distributed import TCPStore
-
-    # the weights' collective group serves its store the same way
-    from selfdistill.weights.collective import _listening_socket
-
-    listen_fd = _listening_socket(address, port) if rank == 0 else None
-    return TCPStore(address, port, world_size, is_master=rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
-                    master_listen_fd=listen_fd)
 
 
 def interface_of(address: str) -> str | None:

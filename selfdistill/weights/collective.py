@@ -48,16 +48,24 @@ def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: 
 
     Its timeout bounds every broadcast: a peer that died or stalls raises here after `timeout_s`.
     """
-    from torch.distributed import PrefixStore, ProcessGroupGloo, TCPStore
+    from torch.distributed import PrefixStore, ProcessGroupGloo
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    # The master's store listens only on `address` (TCPStore alone would listen on every interface).
-    listen_fd = _listening_socket(address, port) if rank == 0 else None
-    store = TCPStore(address, port, world_size, is_master=rank == 0, timeout=timeout, master_listen_fd=listen_fd)
+    store = bound_store(address, port, rank, world_size, timeout_s)
     options = ProcessGroupGloo._Options()
     options._devices = [ProcessGroupGloo.create_device(hostname=_local_address(address))]
     options._timeout = timeout
     return ProcessGroupGloo(PrefixStore("selfdistill-weights", store), rank, world_size, options)
+
+
+def bound_store(address: str, port: int, rank: int, world_size: int, timeout_s: float):
+    """A TCPStore for `world_size` ranks; rank 0 (the master) serves on (address, port) and nowhere else
+    (torch's TCPStore alone listens on every interface whatever the address)."""
+    from torch.distributed import TCPStore
+
+    listen_fd = _listening_socket(address, port) if rank == 0 else None
+    return TCPStore(address, port, world_size, is_master=rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
+                    master_listen_fd=listen_fd)
 
 
 def _listening_socket(address: str, port: int) -> int:

@@ -61,24 +61,6 @@ def check_update_info(update_info: dict) -> list:
     return meta
 
 
-def ipc_bucket_plan(sizes: list[int], buffer_bytes: int) -> list[range]:
-    """How vLLM's packed IPC producer cuts tensors (byte sizes, in order) into chunks of its one reusable buffer
-    of `buffer_bytes` (`sync.bucket_mb`): a chunk closes before the tensor that would overflow it (unlike the
-    NCCL rule of `base.bucket_plan`, which closes after), and a tensor larger than the buffer cannot travel."""
-    plan, start, total = [], 0, 0
-    for i, size in enumerate(sizes):
-        if size > buffer_bytes:
-            raise ValueError(f"ipc: tensor {i} holds {size} bytes, more than the {buffer_bytes}-byte shared buffer "
-                             f"(sync.bucket_mb)")
-        if total and total + size > buffer_bytes:
-            plan.append(range(start, i))
-            start, total = i, 0
-        total += size
-    if start < len(sizes):
-        plan.append(range(start, len(sizes)))
-    return plan
-
-
 def handle_for(update_info: dict, gpu_uuid: str) -> tuple:
     """The handle a receiver on GPU `gpu_uuid` maps: the buffer of the learner rank on that GPU (vLLM's consumer
     looks it up the same way), or an error listing the GPUs the learner ranks hold."""
