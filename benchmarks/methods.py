@@ -15,7 +15,8 @@ GRPOTrainer on the same warm start, prompts, group size, lr, temperature, length
 Resumable across sessions and machines: the warm start is built once and copied to OUT/warmstart/
 (every later run, here or on another machine, starts from those exact weights), and each finished
 method/seed leaves OUT/cells/NAME/ (bench.json, the plotted metrics, summary.json), skipped on a
-rerun (delete the folder to redo it). Both are small enough to commit. Writes
+rerun (delete the folder to redo it); `--report` rewrites the table from the finished cells
+without running anything. Both are small enough to commit. Writes
   OUT/methods.md    the table (greedy and Avg@k before/after, paired gain +- s.e., entropy, reward)
   OUT/methods.json  the same numbers, per seed
   OUT/methods.png   held-out accuracy (with --eval-every), loss, KL, reward, entropy over steps
@@ -174,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--trl", action=argparse.BooleanOptionalAction, default=True,
                     help="add TRL's GRPOTrainer as a reference row")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods"))
+    ap.add_argument("--report", action="store_true",
+                    help="only rewrite the table and plot from the finished cells of these methods and seeds")
     ap.add_argument("overrides", nargs="*", help="dotted overrides applied to every method")
     args = ap.parse_args(argv)
 
@@ -207,6 +210,9 @@ def main(argv: list[str] | None = None) -> None:
         kept = json.loads((cell / "bench.json").read_text()) if (cell / "bench.json").is_file() else None
         if kept and kept["steps"] == args.steps:
             print(f"{name}: done earlier, kept ({cell})", flush=True)
+        elif args.report:
+            print(f"{name}: not run yet, left out of the report", flush=True)
+            continue
         else:
             result = run_trl(seed, args, out, model_path) if method == "trl_grpo" else run_method(
                 method, seed, args, out, model_path)

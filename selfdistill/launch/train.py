@@ -69,7 +69,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
         with Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start) as roles:
             (run_dir / "placement.json").write_text(json.dumps(roles.placement, indent=2))  # actor -> node id
             faults = Faults(cfg.faults, console)  # replaces actors that die (launch/faults.py)
-            before = state.get("eval_before") or held_out_eval(roles, eval_problems, cfg)
+            before = state.get("eval_before") or held_out_eval(roles, eval_problems, cfg, start)
             accuracy_key = f"eval/avg@{cfg.run.eval_k}"
             console.note(f"held-out accuracy before training ({accuracy_key}): {before.get(accuracy_key, float('nan')):.3f} "
                          f"on {len(eval_problems)} problems")
@@ -103,7 +103,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                             metrics.update(exposure.observe(step, metrics))
                     pipeline.published(step)  # after observe: the next alpha always sees this step
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0:
-                        metrics.update(faults.retrying(roles, held_out_eval, roles, eval_problems, cfg))
+                        metrics.update(faults.retrying(roles, held_out_eval, roles, eval_problems, cfg, step))
                     if cfg.sync.check_every and step % cfg.sync.check_every == 0:
                         metrics["sync/max_logprob_gap"] = faults.retrying(roles, roles.sync_gap, probe)
                     if step == start + 1:
@@ -117,7 +117,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                                         lambda path: roles.save_checkpoint(path, {"data": batch.data_state}),
                                         {"step": step, "data": batch.data_state, "initial_model": initial_model,
                                          "eval_before": before, "exposure": exposure_state})
-            after = faults.retrying(roles, held_out_eval, roles, eval_problems, cfg)
+            after = faults.retrying(roles, held_out_eval, roles, eval_problems, cfg, cfg.run.steps)
             pids, placement = roles.pids, roles.placement
     log.close()
     plot_run(run_dir)

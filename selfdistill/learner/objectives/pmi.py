@@ -27,6 +27,11 @@ c * tanh bound with c = 10, beta = 1, the frozen-base anchor, a generalised JSD 
 the JSD's own beta (not recovered; default 0.5, the OPSD first-version mixture), the
 hard_clip alternative, and the top-k support (the full-context teacher's top-k, which the
 other two passes must score too, student renormalised on it).
+
+Where the reference holds all of the question's information (the CPU arithmetic task: the
+reference is the worked solution), the probe predicts rollouts as well as the teacher and the
+target is pi_0 plus correctness-blind noise: `benchmarks/pmi_signal.py` measures the margin a
+target gives correct over incorrect rollouts before any training is spent (docs/methods.md).
 """
 
 from __future__ import annotations
