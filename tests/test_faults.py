@@ -75,6 +75,12 @@ def _learner_group(monkeypatch, timeout_s: float, rank_1_answers: bool):
         def ready(self):
             return os.getpid()
 
+        def master_port(self):
+            return 0  # no rendezvous: these ranks never meet
+
+        def start(self, port):
+            return os.getpid()
+
         def train_step(self, trajs, scores, num_micro_batches):
             while self.waits:
                 time.sleep(1)

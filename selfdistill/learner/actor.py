@@ -20,7 +20,7 @@ from selfdistill.config import TrainConfig
 from selfdistill.learner.batching import MicroBatch, collate, micro_batch_plan
 from selfdistill.learner.objectives import build_objective
 from selfdistill.learner.objectives.base import ObjectiveInputs
-from selfdistill.learner.rendezvous import rendezvous
+from selfdistill.learner.rendezvous import MasterEnd, rendezvous
 from selfdistill.models.attention import attention_kernel, placement_device
 from selfdistill.learner.safe_load import load_weights_only
 from selfdistill.models import lora
@@ -33,8 +33,27 @@ DEEPSPEED_TAG = "state"
 class LearnerActor:
     """Ray actor (created by `LearnerGroup`); see module docstring."""
 
-    def __init__(self, cfg: TrainConfig, model_path: str, rank: int, world_size: int, master_port: int,
+    def __init__(self, cfg: TrainConfig, model_path: str, rank: int, world_size: int, master_port: int | None = None,
                  resume_from: str | None = None, master_addr: str = "127.0.0.1"):
+        """`master_port` None (how `LearnerGroup` starts its ranks): two phases. Here rank 0 opens the rendezvous
+        on its own node (`master_port()` reports the port it holds there) and nothing waits on another rank;
+        `start(port)` on every rank then meets the others and loads the model. A port: both at once (one rank
+        in one process, as tests and benchmarks make it)."""
+        self.cfg, self.rank, self.world_size = cfg, rank, world_size
+        self.model_path, self.resume_from, self.master_addr = model_path, resume_from, master_addr
+        self.master_end = MasterEnd(master_addr) if rank == 0 and master_port is None else None
+        if master_port is not None:
+            self.start(master_port)
+
+    def master_port(self) -> int:
+        """Rank 0: the port it opened the rendezvous on, on its own node (give it to every rank's `start`)."""
+        return self.master_end.port
+
+    def start(self, master_port: int) -> int:
+        """Meet the other ranks at (master address, `master_port`), initialise DeepSpeed and load the model;
+        returns this process's id."""
+        cfg, rank, world_size, master_addr = self.cfg, self.rank, self.world_size, self.master_addr
+        model_path, resume_from = self.model_path, self.resume_from
         os.environ.update(
             MASTER_ADDR=master_addr, MASTER_PORT=str(master_port), RANK=str(rank), WORLD_SIZE=str(world_size),
             LOCAL_RANK=str(rank) if not torch.cuda.is_available() else "0",
@@ -43,7 +62,8 @@ class LearnerActor:
 
         job = ray.get_runtime_context().get_job_id() if ray.is_initialized() else str(os.getpid())
         # loopback: a file store; a cluster: a TCPStore listening on the master's address only (learner/rendezvous.py)
-        meet = rendezvous(master_addr, master_port, rank, world_size, cfg.faults.start_timeout_s, job)
+        meet = rendezvous(master_addr, master_port, rank, world_size, cfg.faults.start_timeout_s, job,
+                          self.master_end.fd if self.master_end else None)
         torch.set_num_threads(max(1, int(cfg.learner.num_cpus_per_rank)))
         torch.manual_seed(cfg.run.seed)
         import deepspeed
@@ -56,11 +76,9 @@ class LearnerActor:
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, init_method=meet.get("init_method"),
                                    rank=rank, world_size=world_size)
 
-        self.cfg, self.rank, self.world_size = cfg, rank, world_size
         self.temperature = cfg.train_temperature
         self.objective = build_objective(cfg.objective)
         self.sender = weights.build_sender(cfg.sync, rank)  # no receivers until connect_weights
-        self.model_path = model_path
         lc = cfg.learner
         self.ds_config = {
             "train_micro_batch_size_per_gpu": 1,
@@ -88,6 +106,7 @@ class LearnerActor:
             _, client = self.engine.load_checkpoint(str(Path(resume_from) / "deepspeed"), tag=DEEPSPEED_TAG,
                                                     load_module_strict=lc.lora is None)
             self.step = int(client["step"])
+        return os.getpid()
 
     def _load_model(self, path: str):
         """The policy at `path`; with `learner.lora`, base + adapter (the adapter folder at `path`, or a fresh one)."""

@@ -7,7 +7,6 @@ Every call on the ranks is bounded: a rank that dies or does not answer within i
 
 from __future__ import annotations
 
-import socket
 import time
 
 import ray
@@ -15,6 +14,7 @@ from ray.exceptions import RayActorError, RayTaskError
 
 from selfdistill.config import TrainConfig
 from selfdistill.launch.faults import RoleFailed
+from selfdistill.launch.processes import stop_actors
 from selfdistill.learner.actor import LearnerActor
 from selfdistill.learner.batching import micro_batch_plan, shard_groups
 from selfdistill.records import TeacherScores, Trajectory
@@ -24,26 +24,28 @@ class LearnerFailed(RoleFailed):
     """A learner rank died or did not answer in time; the run stops (the last complete checkpoint is intact)."""
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LearnerGroup:
     def __init__(self, cfg: TrainConfig, model_path: str, resume_from: str | None = None, placements=None):
-        """`placements` (launch/placement.py) puts each rank into its bundle; None: anywhere with the CPUs."""
+        """`placements` (launch/placement.py) puts each rank into its bundle; None: anywhere with the CPUs.
+
+        The ranks start together; rank 0 opens the rendezvous on its own node and reports its port (a port the
+        driver finds free on its machine may be taken on rank 0's node), then every rank meets there. A rank
+        that fails to start stops the group's actors before the error surfaces."""
         self.cfg = cfg
         n = cfg.learner.num_ranks
-        port = _free_port()
         master = placements.node_address("learner", 0) if placements else cfg.cluster.node_ip_address
         options = [placements.options("learner", r) if placements else {"num_cpus": cfg.learner.num_cpus_per_rank}
                    for r in range(n)]
         self.actors = [ray.remote(LearnerActor).options(**options[rank]).remote(
-            cfg, model_path, rank, n, port, resume_from, master) for rank in range(n)]
+            cfg, model_path, rank, n, None, resume_from, master) for rank in range(n)]
         self.pids: list = [None] * n
-        self.pids = self._bounded([a.ready.remote() for a in self.actors], "starting", cfg.faults.start_timeout_s,
-                                  "faults.start_timeout_s")
+        try:
+            self.pids = self._started([a.ready.remote() for a in self.actors])
+            port = self._started([self.actors[0].master_port.remote()])[0]
+            self._started([a.start.remote(port) for a in self.actors])
+        except BaseException:
+            stop_actors(self.actors, self.pids)  # the ranks that started would wait for the others until killed
+            raise
 
     def train_step(self, trajs: list[Trajectory], scores: list[TeacherScores] | None) -> dict[str, float]:
         """Whole prompt groups to each rank; every rank makes as many micro-batch passes as the busiest one."""
@@ -75,6 +77,9 @@ class LearnerGroup:
     def save_checkpoint(self, path: str, client_state: dict) -> None:
         self._learner_call([a.save_checkpoint.remote(path, client_state) for a in self.actors],
                            f"saving the checkpoint {path}")
+
+    def _started(self, refs: list) -> list:
+        return self._bounded(refs, "starting", self.cfg.faults.start_timeout_s, "faults.start_timeout_s")
 
     def _learner_call(self, refs: list, what: str) -> list:
         return self._bounded(refs, what, self.cfg.faults.learner_timeout_s, "faults.learner_timeout_s")

@@ -6,20 +6,47 @@ store, which listens on nothing. On a cluster, rank 0's TCPStore serves on a soc
 master address alone: torch's own TCPStore server listens on every interface whatever MASTER_ADDR
 says. gloo's and NCCL's own sockets then use the interface that holds the rank's node address
 (`GLOO_SOCKET_IFNAME` / `NCCL_SOCKET_IFNAME`, unless set already).
+
+The port is chosen on rank 0's node, by rank 0 (`MasterEnd`), before the other ranks start: a port
+probed free on the driver's machine says nothing about rank 0's node. Its socket stays bound and
+listening until the TCPStore serves on it, so nothing can take the port in between (a probe that
+closes its socket again, as Ray Train and OpenRLHF do on rank 0, leaves that window open).
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import tempfile
 
 from selfdistill.launch.cluster import is_loopback
-from selfdistill.weights.collective import bound_store  # the weights' group serves its store the same way
+from selfdistill.weights.collective import bound_store, listening_socket  # the weights' group serves the same way
 
 
-def rendezvous(master_addr: str, port: int, rank: int, world_size: int, timeout_s: float, job: str) -> dict:
+class MasterEnd:
+    """Rank 0's end of the rendezvous, opened in rank 0's process on its own node; `port` is what the
+    other ranks are told. On a cluster: a socket bound to (master address, a port the OS picks there) and
+    listening, its descriptor `fd` held for the TCPStore (`rendezvous(..., listen_fd=fd)`). On loopback:
+    no socket (`fd` None), a port number free on this machine, which only names the file store."""
+
+    def __init__(self, master_addr: str):
+        if is_loopback(master_addr):
+            self.fd = None
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
+        else:
+            self.fd = listening_socket(master_addr, 0)
+            held = socket.socket(fileno=self.fd)
+            self.port = held.getsockname()[1]
+            held.detach()  # the descriptor stays open for the store
+
+
+def rendezvous(master_addr: str, port: int, rank: int, world_size: int, timeout_s: float, job: str,
+               listen_fd: int | None = None) -> dict:
     """`init_process_group`'s rendezvous arguments: {"init_method": a file store} on loopback, else
-    {"store": a TCPStore whose master listens on `master_addr` only}."""
+    {"store": a TCPStore whose master listens on `master_addr` only: on `listen_fd` (rank 0's `MasterEnd`)
+    where given, else on a socket rank 0 binds to `port` now}."""
     if is_loopback(master_addr):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's own sockets stay on loopback too
         return {"init_method": f"file://{tempfile.gettempdir()}/selfdistill-rendezvous-{job}-{port}"}
@@ -29,7 +56,7 @@ def rendezvous(master_addr: str, port: int, rank: int, world_size: int, timeout_
     if interface is not None:
         os.environ.setdefault("GLOO_SOCKET_IFNAME", interface)
         os.environ.setdefault("NCCL_SOCKET_IFNAME", interface)
-    return {"store": bound_store(master_addr, port, rank, world_size, timeout_s)}
+    return {"store": bound_store(master_addr, port, rank, world_size, timeout_s, listen_fd)}
 
 
 def interface_of(address: str) -> str | None:

@@ -58,18 +58,21 @@ def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: 
     return ProcessGroupGloo(PrefixStore("selfdistill-weights", store), rank, world_size, options)
 
 
-def bound_store(address: str, port: int, rank: int, world_size: int, timeout_s: float):
+def bound_store(address: str, port: int, rank: int, world_size: int, timeout_s: float, listen_fd: int | None = None):
     """A TCPStore for `world_size` ranks; rank 0 (the master) serves on (address, port) and nowhere else
-    (torch's TCPStore alone listens on every interface whatever the address)."""
+    (torch's TCPStore alone listens on every interface whatever the address). `listen_fd`: rank 0's socket
+    already listening there (`listening_socket`), else rank 0 binds one now."""
     from torch.distributed import TCPStore
 
-    listen_fd = _listening_socket(address, port) if rank == 0 else None
+    if rank == 0 and listen_fd is None:
+        listen_fd = listening_socket(address, port)
     return TCPStore(address, port, world_size, is_master=rank == 0, timeout=datetime.timedelta(seconds=timeout_s),
                     master_listen_fd=listen_fd)
 
 
-def _listening_socket(address: str, port: int) -> int:
-    """A socket listening on (address, port) only; its descriptor passes to the TCPStore that serves on it."""
+def listening_socket(address: str, port: int) -> int:
+    """A socket listening on (address, port) only (port 0: one the OS picks on this machine); its descriptor
+    passes to the TCPStore that serves on it."""
     import socket
 
     sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
