@@ -5,9 +5,10 @@ teacher) trains from the method benchmark's committed warm start (benchmarks/res
 warmstart: built with `data.num_eval=500`, so the 500 held-out problems were never trained on)
 through the real stack, and the run's own greedy evaluation of those 500 problems, before and
 after (RUN_DIR/held_out/step-N.jsonl), must rise by more than two standard errors of the
-per-problem gain. Measured on the 2-core AMD EPYC: the benchmark's opsd run (same config, seed 0)
-was at 0.464 at step 50, and this test gives the same: 0.390 -> 0.464, +0.074 ± 0.020 paired (3.6 s.e.); lr 1e-4 does no better (paired: +6.6 ± 2.4 at step
-30, +5.2 ± 2.3 at 40, +7.2 ± 2.2 at 50), so the test runs the default lr.
+per-problem gain. Measured on the 2-core AMD EPYC: 0.390 -> 0.464, +0.074 ± 0.020 paired
+(3.6 s.e.), the value the methods benchmark's opsd run (same config, seed 0) had at step 50;
+lr 1e-4 does no better (+6.6 ± 2.4 at step 30, +5.2 ± 2.3 at 40, +7.2 ± 2.2 at 50), so the
+test runs the default lr.
 """
 
 import json
