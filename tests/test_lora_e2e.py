@@ -4,7 +4,8 @@ Two short runs on the tiny model, shared by the tests of this module: an adapter
 steps (vLLM serves base + adapter, the teacher takes the adapter), and a merged-sync run resumed
 from its step-1 checkpoint in a fresh run folder (engines and teacher start from the checkpoint
 merged into full weights, and receive full merged weights). Both serve the same policy (sync gap
-<= 1e-4 at every check), so the resumed run's step 2 equals the uninterrupted run's.
+<= 1e-4 at every check), so the resumed run's step 2 equals the uninterrupted run's. Both runs use one
+local cluster (fixture `local_ray`).
 """
 
 import importlib.util
@@ -36,12 +37,12 @@ def _lora_run(out: Path, model: Path, sync: str, *overrides: str):
 
 
 @pytest.fixture(scope="module")
-def adapter_run(tmp_path_factory, tiny_model):
+def adapter_run(tmp_path_factory, tiny_model, local_ray):
     return _lora_run(tmp_path_factory.mktemp("adapter"), tiny_model, "adapter")
 
 
 @pytest.fixture(scope="module")
-def merged_resumed(tmp_path_factory, tiny_model, adapter_run):
+def merged_resumed(tmp_path_factory, tiny_model, adapter_run, local_ray):
     """The adapter run stopped after step 1 and resumed with merged sync for step 2."""
     return _lora_run(tmp_path_factory.mktemp("merged"), tiny_model, "merged",
                      f"run.resume={checkpoint_dir(adapter_run.run_dir, 1)}")
