@@ -1,21 +1,37 @@
-"""Soak test: a long CPU training run, with the memory, open files and threads of every process of
-the run (driver, Ray's own processes, each actor) sampled as it goes.
+"""Soak: the default job trained for many steps, with the memory, open files and threads of the driver and of
+every actor process, and the Ray object store, sampled as it goes; a table says what stays flat and what grows.
 
-    .venv/bin/python benchmarks/soak.py --every 15 --out runs/soak.json run.steps=300
+    nice -n 10 .venv/bin/python benchmarks/soak.py [--steps 300] [--every 10] [--out benchmarks/results/soak]
+        [--warm-start benchmarks/results/methods/warmstart] [field=value ...]
 
-It runs `selfdistill train` with the given overrides (default: the CPU default job) in this process
-(the driver) and samples it and all its descendants every `--every` seconds from a thread. At the end it prints,
-per process (named by its Ray actor class or program), the resident memory, open files and
-threads in the first and the last quarter of the run's steps, and the run's live Ray objects (asked
-of its raylet: objects in the plasma store, objects owned by its workers, object refs in scope), and
-writes every sample to --out. Growth from first to last is what a leak looks like.
+The run is `selfdistill train` with the embedded default config (plus the overrides given), run in this
+process, which is then the run's driver; it only trains: `run.eval_size=0` (no held-out evaluation before,
+during or after), `run.steps=--steps`. Checkpoints (`run.save_every`) and sync checks (`sync.check_every`) stay
+as the default job has them. `--warm-start DIR` seeds the run's cache with a warm start built before (the
+methods benchmark keeps the default job's), so the soak does not spend minutes building it again.
+
+Every `--every` seconds a thread of the driver records:
+- each process of this machine in the run (the driver and its descendants: Ray's own processes, every actor,
+  vLLM and verifier workers): resident memory (RSS), open file descriptors (/proc/PID/fd), threads;
+- every Ray worker of every node, as its raylet reports it (the calls `ray memory` makes): pid, actor, node,
+  objects it owns, object refs in scope; and per node the plasma store's objects and bytes.
+On a cluster the driver joined, processes on other nodes are listed with their pid and node and their Ray object
+counts, but their RSS, files and threads cannot be read from here (no /proc of another machine): the table
+says so. The results (every sample, and per series first / last / max and the linear trend per 100 steps over
+all training samples and over the second half) go to OUT/soak.json and OUT/soak.md, every sample to
+OUT/samples.jsonl as it is taken (`--summarise` makes the table again from it). A series is called growing
+when its second-half trend (after warm-up: allocator pools, caches, compiled kernels) exceeds its tolerance
+per 100 steps (RSS: the larger of 1% of its first value and 4 MB; plasma bytes: 1 MB; counts: 1) and the
+lowest value of the second half's last quarter is above the highest of its first quarter (a rising floor, not
+one more thread started late or the noise of a batch in flight).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import statistics
+import os
+import shutil
 import sys
 import threading
 import time
@@ -23,10 +39,15 @@ from pathlib import Path
 
 import psutil
 
+ROOT = Path(__file__).resolve().parents[1]
+COUNTS = ("fds", "threads")
 
-def _name(proc: psutil.Process, root_pid: int) -> str:
-    """A process's role: its Ray actor or task title (`ray::RolloutActor`), `driver`, or its program's name."""
-    if proc.pid == root_pid:
+
+# ------------------------------------------------------------------ sampling
+
+def _name(proc: psutil.Process, driver_pid: int) -> str:
+    """A process's role: `driver`, its Ray title's class (`ray::RolloutActor`), or its program's name."""
+    if proc.pid == driver_pid:
         return "driver"
     try:
         cmdline = proc.cmdline()
@@ -37,97 +58,269 @@ def _name(proc: psutil.Process, root_pid: int) -> str:
     return Path(cmdline[0]).name if cmdline else proc.name()
 
 
-def _sample(root: psutil.Process) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for proc in [root, *root.children(recursive=True)]:
+def local_processes(driver: psutil.Process) -> dict[str, dict]:
+    """The driver and its descendants on this machine: name, RSS (MB), open descriptors, threads; keyed by pid."""
+    out = {}
+    for proc in [driver, *driver.children(recursive=True)]:
         try:
-            key = f"{_name(proc, root.pid)}[{proc.pid}]"
-            out[key] = {"rss_mb": proc.memory_info().rss / 2**20, "fds": proc.num_fds(), "threads": proc.num_threads()}
+            out[str(proc.pid)] = {"name": _name(proc, driver.pid), "rss_mb": proc.memory_info().rss / 2**20,
+                                  "fds": proc.num_fds(), "threads": proc.num_threads()}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
     return out
 
 
-def _ray_objects() -> dict[str, int] | None:
-    """Live Ray objects of the run's cluster, asked of its raylet: objects in the plasma store, objects owned by
-    its workers, object refs in scope; None while no cluster is up."""
+def ray_workers_and_store() -> dict | None:
+    """Every node's raylet: its Ray workers (pid, actor, owned objects, refs in scope) and its plasma store
+    (objects, bytes); None while no cluster is up."""
     import ray
     from ray._private.internal_api import node_stats
 
-    try:
-        node = ray._private.worker.global_worker.node
-        stats = node_stats(node.node_ip_address, node.node_manager_port, include_memory_info=False)
-    except Exception:  # no cluster yet, or it is going away
+    if not ray.is_initialized():
         return None
-    workers = stats.core_workers_stats
-    return {"plasma_objects": stats.store_stats.num_local_objects,
-            "owned_objects": sum(w.num_owned_objects for w in workers),
-            "refs_in_scope": sum(w.num_object_refs_in_scope for w in workers)}
+    try:
+        nodes = [n for n in ray.nodes() if n.get("Alive")]
+        here = ray.get_runtime_context().get_node_id()
+        out = {"nodes": {}, "workers": {}}
+        for node in nodes:
+            stats = node_stats(node["NodeManagerAddress"], node["NodeManagerPort"], include_memory_info=False)
+            out["nodes"][node["NodeID"]] = {"address": node["NodeManagerAddress"], "local": node["NodeID"] == here,
+                                            "plasma_objects": stats.store_stats.num_local_objects,
+                                            "plasma_mb": stats.store_stats.object_store_bytes_used / 2**20}
+            for w in stats.core_workers_stats:
+                out["workers"][str(w.pid)] = {"node": node["NodeID"], "actor_id": w.actor_id.hex(),
+                                              "owned_objects": w.num_owned_objects,
+                                              "refs_in_scope": w.num_object_refs_in_scope}
+        return out
+    except Exception:  # the cluster is starting or going away
+        return None
+
+
+def _actor_classes() -> dict[str, str]:
+    """Actor id -> class name, from the GCS's actor table (no dashboard needed)."""
+    import ray
+
+    try:
+        return {aid: a.get("ActorClassName", "?") for aid, a in ray._private.state.actors().items()}
+    except Exception:
+        return {}
 
 
 def _step(metrics: Path) -> int:
     try:
-        lines = metrics.read_text().splitlines()
+        with metrics.open("rb") as f:
+            f.seek(max(0, metrics.stat().st_size - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
         return json.loads(lines[-1])["step"] if lines else 0
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, IndexError):
         return 0
 
 
-def main() -> int:
+# ------------------------------------------------------------------ summary
+
+def trend_per_100(steps: list[float], values: list[float]) -> float:
+    """Least-squares slope of `values` over `steps`, per 100 steps (0 with fewer than 2 distinct steps)."""
+    n = len(steps)
+    if n < 2:
+        return 0.0
+    ms, mv = sum(steps) / n, sum(values) / n
+    var = sum((s - ms) ** 2 for s in steps)
+    if var == 0:
+        return 0.0
+    return 100 * sum((s - ms) * (v - mv) for s, v in zip(steps, values)) / var
+
+
+def tolerance(metric: str, first: float) -> float:
+    """Growth per 100 steps a series may show and still count as flat (see the module docstring)."""
+    if metric == "rss_mb":
+        return max(0.01 * first, 4.0)
+    if metric == "plasma_mb":
+        return 1.0
+    return 1.0
+
+
+def summarise(series: dict[str, list[tuple[int, float]]]) -> list[dict]:
+    """Per series ("process / metric" -> [(step, value)]): first, last, max, trends, verdict."""
+    rows = []
+    for key, points in sorted(series.items()):
+        if len(points) < 3:
+            continue
+        steps, values = [float(s) for s, _ in points], [float(v) for _, v in points]
+        half = [(s, v) for s, v in points if s >= (steps[0] + steps[-1]) / 2]
+        late = trend_per_100([float(s) for s, _ in half], [float(v) for _, v in half])
+        q = max(1, len(half) // 4)
+        rising = min(v for _, v in half[-q:]) > max(v for _, v in half[:q])  # the floor rose above the ceiling
+        metric = key.rsplit(" / ", 1)[-1]
+        tol = tolerance(metric, values[0])
+        rows.append({"series": key, "samples": len(points), "first": values[0], "last": values[-1],
+                     "max": max(values), "trend_per_100": trend_per_100(steps, values),
+                     "second_half_trend_per_100": late, "tolerance_per_100": tol,
+                     "verdict": "growing" if late > tol and rising else "flat"})
+    return rows
+
+
+def training_samples(samples: list[dict]) -> list[dict]:
+    """The samples taken while the run trained: from its first step to the first sample at its last step (none
+    from before step 1, nor from the shutdown after it, when the cluster and its processes go away)."""
+    trained = [s for s in samples if s["step"] > 0 and s.get("ray")]
+    if not trained:
+        return []
+    last = max(s["step"] for s in trained)
+    return trained[:next(i for i, s in enumerate(trained) if s["step"] == last) + 1]
+
+
+def series_of(samples: list[dict]) -> tuple[dict, dict]:
+    """From the training samples (step > 0): measured series, and processes seen only through their raylet."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    remote: dict[str, dict] = {}
+    for s in samples:
+        step = s["step"]
+        for pid, p in s["procs"].items():
+            for metric in ("rss_mb", *COUNTS):
+                series.setdefault(f"{p['name']}[{pid}] / {metric}", []).append((step, p[metric]))
+        ray_info = s.get("ray") or {}
+        for node, n in ray_info.get("nodes", {}).items():
+            where = "this node" if n["local"] else f"node {n['address']}"
+            for metric in ("plasma_objects", "plasma_mb"):
+                series.setdefault(f"plasma store ({where}) / {metric}", []).append((step, n[metric]))
+        workers = ray_info.get("workers", {})
+        for metric in ("owned_objects", "refs_in_scope"):
+            series.setdefault(f"all Ray workers / {metric}", []).append(
+                (step, sum(w[metric] for w in workers.values())))
+        for pid, w in workers.items():
+            if pid not in s["procs"] and not ray_info["nodes"].get(w["node"], {}).get("local", True):
+                remote[pid] = {"node": ray_info["nodes"][w["node"]]["address"], "actor": w.get("actor", "")}
+    return series, remote
+
+
+def _fmt(v: float) -> str:
+    return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.2f}"
+
+
+def markdown(rows: list[dict], remote: dict, head: dict) -> str:
+    growing = [r for r in rows if r["verdict"] == "growing"]
+    lines = [f"# Soak (benchmarks/soak.py), {head['date']}", "", "```", head["command"], "```", "",
+             f"{head['steps']} training steps ({head['seconds_per_step']:.2f} s/step), {head['samples']} samples "
+             f"every {head['every']:g} s, exit code {head['exit_code']}; load average {head['load_start']:.1f} at "
+             f"the start, {head['load_end']:.1f} at the end ({os.cpu_count()} cores).", "",
+             *([head["note"], ""] if head.get("note") else []),
+             f"**Verdict: {'GROWING: ' + ', '.join(r['series'] for r in growing) if growing else 'flat'}** "
+             "(a series grows when its second-half trend exceeds its tolerance per 100 steps, RSS max(1% of first, "
+             "4 MB), plasma bytes 1 MB, counts 1, and the minimum of the second half's last quarter exceeds the "
+             "maximum of its first quarter).", "",
+             "| series | samples | first | last | max | trend / 100 steps | 2nd half / 100 steps | verdict |",
+             "| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    for r in rows:
+        lines.append(f"| {r['series']} | {r['samples']} | {_fmt(r['first'])} | {_fmt(r['last'])} | {_fmt(r['max'])} "
+                     f"| {r['trend_per_100']:+.2f} | {r['second_half_trend_per_100']:+.2f} | {r['verdict']} |")
+    if remote:
+        lines += ["", "Processes on other nodes (RSS, files and threads not measurable from this machine; their "
+                  "Ray objects are in the worker totals):", ""]
+        lines += [f"- pid {pid} on {w['node']} {w['actor']}" for pid, w in sorted(remote.items())]
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------ the run
+
+def seed_warm_start(cfg, source: Path) -> None:
+    """Copy a warm start built before into the run's cache under the key the run looks it up by."""
+    from selfdistill.models.warmstart import cache_key
+
+    if cfg.model.kind != "tiny":
+        raise SystemExit(f"--warm-start: model.kind is {cfg.model.kind!r}; only the tiny model has a warm start")
+    if not (source / "config.json").is_file() or not (source / "warmstart.json").is_file():
+        raise SystemExit(f"--warm-start {source}: not a warm-start folder (no config.json / warmstart.json)")
+    final = Path(cfg.run.cache_dir) / f"warmstart-{cache_key(cfg.data, cfg.templates, cfg.model.shape, cfg.model.warm_start)}"
+    if not final.is_dir():
+        final.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copytree(source, final)
+
+
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--every", type=float, default=15.0, help="seconds between samples")
-    parser.add_argument("--out", default="runs/soak.json", help="where every sample goes (JSON)")
+    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
+    parser.add_argument("--every", type=float, default=10.0, help="seconds between samples (default 10)")
+    parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak"), help="results folder")
+    parser.add_argument("--warm-start", type=Path, help="a warm-start folder built before, for the run's cache")
+    parser.add_argument("--summarise", action="store_true",
+                        help="run nothing: make the table again from OUT/samples.jsonl (a run writes it as it samples)")
+    parser.add_argument("--note", help="with --summarise: a line for the table's head (e.g. why the run stopped)")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for `selfdistill train`")
-    args = parser.parse_args()
-    overrides = ["run.name=soak", "run.progress=false", *args.overrides]
+    args = parser.parse_args(argv)
+    out = Path(args.out)
+    if args.summarise:
+        head = json.loads((out / "soak.json").read_text()) if (out / "soak.json").is_file() else {}
+        samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line]
+        head = {k: v for k, v in head.items() if k not in ("rows", "remote")}
+        if args.note:
+            head["note"] = args.note
+        return report(samples, out, head, args, head.get("exit_code", 0), head.get("load_start", float("nan")))
     from selfdistill.config import load_config
 
+    overrides = ["run.name=soak", "run.progress=false", "run.eval_size=0", f"run.steps={args.steps}",
+                 *args.overrides]
     cfg = load_config(None, overrides)
+    if args.warm_start:
+        seed_warm_start(cfg, args.warm_start)
     samples, done = [], threading.Event()
+    load_start = os.getloadavg()[0]
+    out.mkdir(parents=True, exist_ok=True)
+    head = {"command": " ".join(["nice -n 10 .venv/bin/python benchmarks/soak.py", *(argv or sys.argv[1:])]),
+            "overrides": overrides, "every": args.every, "load_start": load_start, "exit_code": None}
+    (out / "soak.json").write_text(json.dumps(head, indent=1))  # so that --summarise can name a run cut short
+    stream = (out / "samples.jsonl").open("w")  # as they come: a run cut short keeps what it sampled
 
-    def sample() -> None:  # in a thread of the driver, so that it can ask the run's raylet
-        root = psutil.Process()
+    def sample() -> None:  # a thread of the driver, so that it reaches the run's raylets
+        driver = psutil.Process()
         while not done.is_set():
-            samples.append({"t": time.time(), "step": _step(cfg.run_dir / "metrics.jsonl"), "procs": _sample(root),
-                            "ray": _ray_objects()})
+            ray_info = ray_workers_and_store()
+            if ray_info:
+                classes = _actor_classes()
+                for w in ray_info["workers"].values():
+                    w["actor"] = classes.get(w["actor_id"], "") if w["actor_id"].strip("f0") else ""
+            samples.append({"t": time.time(), "step": _step(cfg.run_dir / "metrics.jsonl"),
+                            "procs": local_processes(driver), "ray": ray_info})
+            stream.write(json.dumps(samples[-1]) + "\n")
+            stream.flush()
             done.wait(args.every)
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     from selfdistill.launch.train import train
 
+    code = 0
     try:
         train(cfg)
-        code = 0
-    except Exception as error:  # the samples so far are still written and summarised
+    except Exception as error:  # the samples so far are still summarised
         print(f"soak: the run failed: {type(error).__name__}: {error}")
         code = 1
     finally:
         done.set()
         sampler.join()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(samples))
-    training = [s for s in samples if s["step"] > 0]
-    if not training:
-        print("no training step was sampled")
-        return code
-    last_step = training[-1]["step"]
-    first = [s for s in training if s["step"] <= last_step / 4]
-    last = [s for s in training if s["step"] >= 3 * last_step / 4]
-    print(f"{len(samples)} samples, steps 1..{last_step}, exit code {code}")
-    print(f"{'process':40s} {'rss MB first -> last':>22s} {'fds':>12s} {'threads':>12s}")
-    for key in sorted({k for s in first for k in s["procs"]} & {k for s in last for k in s["procs"]}):
-        cols = []
-        for field in ("rss_mb", "fds", "threads"):
-            a = statistics.median(s["procs"][key][field] for s in first if key in s["procs"])
-            b = statistics.median(s["procs"][key][field] for s in last if key in s["procs"])
-            cols.append(f"{a:.0f} -> {b:.0f}")
-        print(f"{key:40s} {cols[0]:>22s} {cols[1]:>12s} {cols[2]:>12s}")
-    for field in ("plasma_objects", "owned_objects", "refs_in_scope"):
-        a, b = ([s["ray"][field] for s in part if s.get("ray")] for part in (first, last))
-        if a and b:
-            print(f"ray {field:36s} {statistics.median(a):.0f} -> {statistics.median(b):.0f}")
-    return code
+        stream.close()
+    return report(samples, out, head, args, code, load_start)
+
+
+def report(samples: list[dict], out: Path, head: dict, args, code: int, load_start: float) -> int:
+    """Summarise the samples of the training steps into OUT/soak.json and OUT/soak.md (the samples themselves:
+    OUT/samples.jsonl)."""
+    training = training_samples(samples)
+    if len(training) < 2:
+        print("soak: fewer than 2 samples during training; nothing to summarise")
+        return code or 1
+    series, remote = series_of(training)
+    rows = summarise(series)
+    span = training[-1]["step"] - training[0]["step"]
+    head = {**head, "date": head.get("date") or time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+            "steps": training[-1]["step"],
+            "seconds_per_step": (training[-1]["t"] - training[0]["t"]) / span if span else float("nan"),
+            "samples": len(training), "every": head.get("every", args.every),
+            "exit_code": code if code is not None else "none (stopped before it ended)", "load_start": load_start,
+            "load_end": head.get("load_end") or os.getloadavg()[0]}
+    (out / "soak.json").write_text(json.dumps({**head, "rows": rows, "remote": remote}, indent=1))
+    (out / "soak.md").write_text(markdown(rows, remote, head))
+    print(markdown(rows, remote, head))
+    return code or 0
 
 
 if __name__ == "__main__":
