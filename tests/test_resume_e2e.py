@@ -1,7 +1,10 @@
 """Resume on the real stack: a run killed by SIGKILL while it writes a checkpoint continues with
 `--resume auto` from the previous complete checkpoint; resumed, its learner rank is SIGKILLed
 mid-run (the run stops with exit code 3 naming the rank, the checkpoint intact); resumed again,
-it ends with the same weights as a run that was never interrupted (on-policy and max_staleness 1)."""
+it ends with the same weights as a run that was never interrupted (on-policy and max_staleness 1).
+
+The in-process runs share one local cluster (fixture `local_ray`); the child processes start their own,
+which the SIGKILLs take down with them."""
 
 from __future__ import annotations
 
@@ -23,7 +26,7 @@ from selfdistill.launch.cli import main as cli_main
 from selfdistill.launch.run_dir import checkpoint_dir, latest_checkpoint
 from selfdistill.launch.train import train
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 WEIGHT_TOLERANCE = 1e-5  # float32 reductions may be ordered differently across processes
 
 
