@@ -7,8 +7,9 @@ every actor process, and the Ray object store, sampled as it goes; a table says 
 The run is `selfdistill train` with the embedded default config (plus the overrides given), run in this
 process, which is then the run's driver; it only trains: `run.eval_size=0` (no held-out evaluation before,
 during or after), `run.steps=--steps`. Checkpoints (`run.save_every`) and sync checks (`sync.check_every`) stay
-as the default job has them. `--warm-start DIR` seeds the run's cache with a warm start built before (the
-methods benchmark keeps the default job's), so the soak does not spend minutes building it again.
+as the default job has them. `--warm-start DIR` trains from a model folder built before instead
+(`model={kind: pretrained, path: DIR}`, e.g. the methods benchmark's committed warm start), so the soak does
+not spend minutes building one.
 
 Every `--every` seconds a thread of the driver records:
 - each process of this machine in the run (the driver and its descendants: Ray's own processes, every actor,
@@ -31,7 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
+import statistics
 import sys
 import threading
 import time
@@ -120,14 +121,9 @@ def _step(metrics: Path) -> int:
 
 def trend_per_100(steps: list[float], values: list[float]) -> float:
     """Least-squares slope of `values` over `steps`, per 100 steps (0 with fewer than 2 distinct steps)."""
-    n = len(steps)
-    if n < 2:
+    if len(set(steps)) < 2:
         return 0.0
-    ms, mv = sum(steps) / n, sum(values) / n
-    var = sum((s - ms) ** 2 for s in steps)
-    if var == 0:
-        return 0.0
-    return 100 * sum((s - ms) * (v - mv) for s, v in zip(steps, values)) / var
+    return 100 * statistics.linear_regression(steps, values).slope
 
 
 def tolerance(metric: str, first: float) -> float:
@@ -222,26 +218,12 @@ def markdown(rows: list[dict], remote: dict, head: dict) -> str:
 
 # ------------------------------------------------------------------ the run
 
-def seed_warm_start(cfg, source: Path) -> None:
-    """Copy a warm start built before into the run's cache under the key the run looks it up by."""
-    from selfdistill.models.warmstart import cache_key
-
-    if cfg.model.kind != "tiny":
-        raise SystemExit(f"--warm-start: model.kind is {cfg.model.kind!r}; only the tiny model has a warm start")
-    if not (source / "config.json").is_file() or not (source / "warmstart.json").is_file():
-        raise SystemExit(f"--warm-start {source}: not a warm-start folder (no config.json / warmstart.json)")
-    final = Path(cfg.run.cache_dir) / f"warmstart-{cache_key(cfg.data, cfg.templates, cfg.model.shape, cfg.model.warm_start)}"
-    if not final.is_dir():
-        final.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copytree(source, final)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
     parser.add_argument("--every", type=float, default=10.0, help="seconds between samples (default 10)")
     parser.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "soak"), help="results folder")
-    parser.add_argument("--warm-start", type=Path, help="a warm-start folder built before, for the run's cache")
+    parser.add_argument("--warm-start", type=Path, help="a model folder built before to train from (no warm start)")
     parser.add_argument("--summarise", action="store_true",
                         help="run nothing: make the table again from OUT/samples.jsonl (a run writes it as it samples)")
     parser.add_argument("--note", help="with --summarise: a line for the table's head (e.g. why the run stopped)")
@@ -258,10 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     from selfdistill.config import load_config
 
     overrides = ["run.name=soak", "run.progress=false", "run.eval_size=0", f"run.steps={args.steps}",
+                 *([f"model={{kind: pretrained, path: '{args.warm_start.resolve()}'}}"] if args.warm_start else []),
                  *args.overrides]
     cfg = load_config(None, overrides)
-    if args.warm_start:
-        seed_warm_start(cfg, args.warm_start)
     samples, done = [], threading.Event()
     load_start = os.getloadavg()[0]
     out.mkdir(parents=True, exist_ok=True)

@@ -73,8 +73,6 @@ def bound_store(address: str, port: int, rank: int, world_size: int, timeout_s: 
 def listening_socket(address: str, port: int) -> int:
     """A socket listening on (address, port) only (port 0: one the OS picks on this machine); its descriptor
     passes to the TCPStore that serves on it."""
-    import socket
-
     sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((address, port))
