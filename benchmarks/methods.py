@@ -188,12 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     model_path = out / "warmstart"  # the one warm start every run begins from, kept with the results
     first = args.methods[0] if args.methods else "grpo"
+    before_path = out / f"before-{args.eval_size}-k{args.k}.json"
+    if args.report and not ((model_path / "config.json").is_file() and before_path.is_file()):
+        raise SystemExit(f"--report: {out} has no warm start or no {before_path.name} to report against; run first")
     if not (model_path / "config.json").is_file():
         built = prepare_model(method_config(first, 0, args, out), Console(live=False))
         shutil.rmtree(model_path, ignore_errors=True)
         shutil.copytree(built, model_path)
     weights = hashlib.sha256((model_path / "model.safetensors").read_bytes()).hexdigest()
-    before_path = out / f"before-{args.eval_size}-k{args.k}.json"
     if not before_path.is_file():
         cfg = method_config(first, 0, args, out, model_path)
         before_path.write_text(json.dumps({"model_sha256": weights, **score_model(str(model_path), cfg, args.k)}))

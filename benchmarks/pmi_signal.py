@@ -41,6 +41,9 @@ def response_logprobs(model, tokenizer, prompt: str, response: list[int]) -> tor
 def margin(rows: list[dict], key: str) -> dict[str, float]:
     good = [r[key] for r in rows if r["correct"]]
     bad = [r[key] for r in rows if not r["correct"]]
+    if len(good) < 2 or len(bad) < 2:
+        raise SystemExit(f"{len(good)} correct and {len(bad)} incorrect rollouts: a margin needs 2 of each "
+                         "(more --problems or --k)")
     se = math.sqrt(statistics.variance(good) / len(good) + statistics.variance(bad) / len(bad))
     return {"correct": statistics.fmean(good), "incorrect": statistics.fmean(bad),
             "margin": statistics.fmean(good) - statistics.fmean(bad), "margin_se": se}
