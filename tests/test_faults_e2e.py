@@ -149,8 +149,11 @@ def test_object_store_replacement_loads_the_published_weights_before_it_serves(t
     starting weights, which the learner has left behind, and loads step 1's published buckets before it serves."""
     killed_engine = _kill_on_call(monkeypatch, "start_stream", "rollout", call=2)  # step 2's generation
     gaps = _gaps_at_start(monkeypatch)
+    # responses up to 256 tokens (the random model rarely stops early) keep the engine generating well past the
+    # kill on a loaded machine: with 12 it could finish step 2 first, and the death was then seen at step 2's
+    # sync, when the learner had trained past the buckets the replacement loads
     cfg = _config(tmp_path, tiny_model, "faults-object-store", "run.steps=2", "run.eval_size=0",
-                  "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=12", "sync.transport=object_store")
+                  "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=256", "sync.transport=object_store")
     summary = train(cfg)
     rows = _rows(cfg)
     _assert_full_batches(cfg, rows, fault_rollout=1, fault_teacher=0)

@@ -70,8 +70,7 @@ def collect_batch(roles, sampler, cfg, sampling, alpha: float | None, faults) ->
             if scores is not None:
                 ordered_scores.append(scores[id(t)])
     info = {"rollout/filter_rounds": rounds, "rollout/groups_dropped": len(set_aside)} if filtering else {}
-    info.update({"rollout/responses": len(trajs), "rollout/prompts": len({t.problem.uid for t in trajs}),
-                 **faults.metrics(roles)})
+    info.update({"rollout/responses": len(trajs), "rollout/prompts": len({t.problem.uid for t in trajs})})
     return Batch(trajs, ordered_scores, collector.seconds, info, sampler.state())
 
 

@@ -85,6 +85,7 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
             # before any sync the engines (and a live teacher) must hold the learner's policy (on resume: the checkpoint)
             start_gap = {"sync/start_gap": faults.retrying(roles, roles.sync_gap, probe)} if cfg.sync.check_every else {}
             saves = [s for s in range(start + 1, cfg.run.steps + 1) if _saves_at(cfg, s)]
+            evaluated: dict[int, dict] = {}  # step -> its held-out evaluation (the last one is reused as `after`)
             pipeline = RolloutPipeline(make_batch, start + 1, cfg.run.steps, cfg.rollout.max_staleness, saves)
             with console.progress(cfg.run.steps, start) as bar, pipeline:
                 for step in range(start + 1, cfg.run.steps + 1):
@@ -103,11 +104,14 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                             metrics.update(exposure.observe(step, metrics))
                     pipeline.published(step)  # after observe: the next alpha always sees this step
                     if cfg.run.eval_every and step % cfg.run.eval_every == 0:
-                        metrics.update(faults.retrying(roles, held_out_eval, roles, eval_problems, cfg, step))
+                        evaluated[step] = faults.retrying(roles, held_out_eval, roles, eval_problems, cfg, step)
+                        metrics.update(evaluated[step])
                     if cfg.sync.check_every and step % cfg.sync.check_every == 0:
                         metrics["sync/max_logprob_gap"] = faults.retrying(roles, roles.sync_gap, probe)
                     if step == start + 1:
                         metrics.update(start_gap)
+                    # read last: a death noticed during this step's sync or evaluation is in this step's row
+                    metrics.update(faults.metrics(roles))
                     log.write(step, metrics)
                     bar.advance(step, metrics)
                     if _saves_at(cfg, step):
@@ -117,7 +121,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                                         lambda path: roles.save_checkpoint(path, {"data": batch.data_state}),
                                         {"step": step, "data": batch.data_state, "initial_model": initial_model,
                                          "eval_before": before, "exposure": exposure_state})
-            after = faults.retrying(roles, held_out_eval, roles, eval_problems, cfg, cfg.run.steps)
+            after = evaluated.get(cfg.run.steps) or faults.retrying(roles, held_out_eval, roles, eval_problems, cfg,
+                                                                   cfg.run.steps)
             pids, placement = roles.pids, roles.placement
     log.close()
     plot_run(run_dir)
