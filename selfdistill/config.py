@@ -94,7 +94,7 @@ class RunConfig(Strict):
     steps: int = Field(100, ge=1, description="Number of training steps (one rollout batch each).")
     save_every: int = Field(20, ge=0, description="Checkpoint every N steps (0: only at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Most recent checkpoints kept on disk.")
-    eval_size: int = Field(200, ge=0, description="Held-out problems evaluated before, during and after training.")
+    eval_size: int = Field(500, ge=0, description="Held-out problems evaluated before, during and after training.")
     eval_every: int = Field(0, ge=0, description="Evaluate on the held-out problems every N steps (0: before/after only).")
     eval_k: int = Field(1, ge=1, description="Samples per held-out problem (Avg@k, pass@k, maj@k).")
     eval_temperature: float = Field(0.0, ge=0.0, description="Sampling temperature of held-out evaluation (0: greedy).")

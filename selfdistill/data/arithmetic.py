@@ -37,7 +37,7 @@ class ArithmeticTaskConfig(BaseModel):
     )
     seed: int = Field(0, description="Seed of the generator; the same config always gives the same problems.")
     num_train: int = Field(20000, ge=1, description="Number of training problems (all distinct).")
-    num_eval: int = Field(200, ge=1, description="Number of held-out problems (distinct, none in the training split).")
+    num_eval: int = Field(500, ge=1, description="Number of held-out problems (distinct, none in the training split).")
 
     @field_validator("operators")
     @classmethod
