@@ -121,6 +121,16 @@ def test_greedy_accuracy_scores_the_generated_boxed_answer():
     assert greedy_accuracy(model, tok, problems, templates, "plain", max_new_tokens=64, batch_size=3) == 0.75
 
 
+def test_greedy_accuracy_renders_the_partial_context_at_the_alpha_given():
+    tok = build_char_tokenizer()
+    problems = generate_problems(TASK, "eval")[:3]
+    templates = PromptTemplates()
+    model = ScriptedModel(tok, {render(templates, "partial", p, 0.5): p.reference for p in problems})
+    assert greedy_accuracy(model, tok, problems, templates, "partial", max_new_tokens=64, alpha=0.5) == 1.0
+    with pytest.raises(ValueError, match="needs alpha"):
+        greedy_accuracy(model, tok, problems, templates, "partial", max_new_tokens=64)
+
+
 @pytest.mark.parametrize(
     ("model", "field"),
     [({"hidden_size": 30, "num_heads": 4}, "num_heads"), ({"num_layers": 0}, "num_layers")],

@@ -268,14 +268,16 @@ def greedy_accuracy(
     context: Context,
     max_new_tokens: int,
     batch_size: int = 256,
+    alpha: float | None = None,
 ) -> float:
-    """Share of problems whose greedy response (left-padded batched decoding) boxes the exact answer."""
+    """Share of problems whose greedy response (left-padded batched decoding) boxes the exact answer
+    (`alpha`: the share of reference steps a "partial" context shows)."""
     tokenizer.padding_side = "left"
     model.eval()
     correct = 0
     for start in range(0, len(problems), batch_size):
         chunk = problems[start : start + batch_size]
-        inputs = tokenizer([render(templates, context, p) for p in chunk], return_tensors="pt", padding=True)
+        inputs = tokenizer([render(templates, context, p, alpha) for p in chunk], return_tensors="pt", padding=True)
         out = model.generate(
             **inputs,
             max_new_tokens=max_new_tokens,
