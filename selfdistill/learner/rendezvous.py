@@ -20,7 +20,7 @@ import socket
 import tempfile
 
 from selfdistill.launch.cluster import is_loopback
-from selfdistill.weights.collective import bound_store, listening_socket  # the weights' group serves the same way
+from selfdistill.weights.collective import bound_store, held_port  # the weights' group serves the same way
 
 
 class MasterEnd:
@@ -36,10 +36,7 @@ class MasterEnd:
                 probe.bind(("127.0.0.1", 0))
                 self.port = probe.getsockname()[1]
         else:
-            self.fd = listening_socket(master_addr, 0)
-            held = socket.socket(fileno=self.fd)
-            self.port = held.getsockname()[1]
-            held.detach()  # the descriptor stays open for the store
+            self.fd, self.port = held_port(master_addr)  # the descriptor stays open for the store
 
 
 def rendezvous(master_addr: str, port: int, rank: int, world_size: int, timeout_s: float, job: str,

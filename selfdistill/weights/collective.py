@@ -12,6 +12,10 @@ replaced by a torch `ProcessGroupGloo` (with a timeout, so a lost peer raises in
 hanging), registered with vLLM's `WeightTransferEngineFactory` and
 `WeightTransferTrainerFactory` under the name "gloo". The teacher (a transformers model, not
 a vLLM engine) joins the same group and receives the same broadcasts (`CollectiveReceiver`).
+
+The sender holds the group's rendezvous port from choosing it until its store serves on it
+(`CollectiveSender`): for `nccl` that takes vLLM's trainer engine with rank 0's endpoint opened on
+the held socket (nccl_engine.py).
 """
 
 from __future__ import annotations
@@ -43,15 +47,17 @@ class CollectiveConfig(SyncCommon):
     )
 
 
-def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float):
+def _gloo_group(address: str, port: int, rank: int, world_size: int, timeout_s: float,
+                listen_fd: int | None = None):
     """A gloo process group outside torch.distributed's global state (DeepSpeed owns that one).
 
     Its timeout bounds every broadcast: a peer that died or stalls raises here after `timeout_s`.
+    `listen_fd`: rank 0's socket already listening on (address, port) (see `bound_store`).
     """
     from torch.distributed import PrefixStore, ProcessGroupGloo
 
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = bound_store(address, port, rank, world_size, timeout_s)
+    store = bound_store(address, port, rank, world_size, timeout_s, listen_fd)
     options = ProcessGroupGloo._Options()
     options._devices = [ProcessGroupGloo.create_device(hostname=_local_address(address))]
     options._timeout = timeout
@@ -73,11 +79,23 @@ def bound_store(address: str, port: int, rank: int, world_size: int, timeout_s: 
 def listening_socket(address: str, port: int) -> int:
     """A socket listening on (address, port) only (port 0: one the OS picks on this machine); its descriptor
     passes to the TCPStore that serves on it."""
+    return _listening(address, port).detach()
+
+
+def held_port(address: str) -> tuple[int, int]:
+    """(descriptor, port) of a socket listening on (address, a port the OS picks there): the port is taken
+    from the moment it is chosen, and stays so while the descriptor is held for the store that serves on it."""
+    sock = _listening(address, 0)
+    port = sock.getsockname()[1]
+    return sock.detach(), port
+
+
+def _listening(address: str, port: int) -> socket.socket:
     sock = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((address, port))
     sock.listen()
-    return sock.detach()
+    return sock
 
 
 def _local_address(master_address: str) -> str:
@@ -118,6 +136,32 @@ def register_gloo() -> None:
             factory.register_engine("gloo", "selfdistill.weights.gloo_engine", cls)
 
 
+def register_nccl_held() -> None:
+    """Register the trainer side of the NCCL backend whose rendezvous serves on the sender's held socket
+    (`nccl_engine.py`) under "nccl_held" (trainer factory only: the engines receive with vLLM's own "nccl")."""
+    from vllm.distributed.weight_transfer.factory import WeightTransferTrainerFactory
+
+    if "nccl_held" not in WeightTransferTrainerFactory._registry:
+        WeightTransferTrainerFactory.register_engine("nccl_held", "selfdistill.weights.nccl_engine",
+                                                     "HeldNCCLTrainerWeightTransferEngine")
+
+
+def open_with_workers(client, worker_info: dict, open_endpoint: Callable[[], object]):
+    """Rank 0's endpoint, opened while the receivers join the group (`init_weight_transfer_engine` blocks
+    until every rank has joined, so both sides rendezvous together); a receiver's error is raised first."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=1) as exe:
+        future = exe.submit(client.init_weight_transfer_engine, worker_info)
+        try:
+            endpoint = open_endpoint()
+        except Exception:
+            future.result()  # a receiver's error names it
+            raise
+        future.result()
+    return endpoint
+
+
 @dataclass(kw_only=True)
 class GlooInitInfo:
     """Worker-side init info of the gloo backend (what `init_weight_transfer_engine` receives)."""
@@ -133,37 +177,48 @@ class GlooInitInfo:
 # ---------------------------------------------------------------- learner side
 
 class CollectiveSender(TrainerEngineSender):
-    """Learner side: vLLM's trainer engine of the backend, on every rank (rank 0 opens the group and sends)."""
+    """Learner side: vLLM's trainer engine of the backend, on every rank (rank 0 opens the group and sends).
+
+    Rank 0 (the sender, on its own node) chooses the rendezvous port by opening a socket that listens on
+    (master address, a port the OS picks) and holds it: its descriptor travels in the init info
+    (`listen_fd`) to the store that serves the group on it, so no other process can take the port between
+    choosing it and serving on it (closing a probe socket and binding again later leaves that window open).
+    gloo: our `_gloo_group` serves on it (`bound_store`). NCCL: vLLM's trainer engine opens its endpoint
+    with `nccl_common.trainer_init(init_info)`, whose `StatelessProcessGroup.create` is called without
+    the `listen_socket` it accepts, so the trainer side is vLLM's engine with that one call given the held
+    socket (`nccl_engine.HeldNCCLTrainerWeightTransferEngine`, registered as "nccl_held"); the engines
+    receive with vLLM's own "nccl" backend, unchanged. The other ranks open nothing (port 0: they do not
+    rendezvous). The descriptor is the store's once `connect` runs the engine's `trainer_init`.
+    """
 
     def trainer_init_info(self):
         address = self.cfg.master_address or _local_address_of_node()
         if self.cfg.backend == "gloo":
             register_gloo()
-        return _trainer_init_info(self.cfg, self.rank, address, _free_port(address), self.receivers.world_size)
+        else:
+            register_nccl_held()
+        listen_fd, port = held_port(address) if self.rank == 0 else (None, 0)
+        return _trainer_init_info(self.cfg, self.rank, address, port, listen_fd, self.receivers.world_size)
 
 
-def _trainer_init_info(cfg: CollectiveConfig, rank: int, address: str, port: int, world_size: int):
+def _trainer_init_info(cfg: CollectiveConfig, rank: int, address: str, port: int, listen_fd: int | None,
+                       world_size: int):
     if cfg.backend == "nccl":
-        from vllm.distributed.weight_transfer.nccl_engine import NCCLTrainerInitInfo
+        from selfdistill.weights.nccl_engine import HeldNCCLTrainerInitInfo
 
-        return NCCLTrainerInitInfo(rank=rank, master_address=address, master_port=port, world_size=world_size,
-                                   packed=True, packed_buffer_size_bytes=cfg.bucket_bytes)
+        return HeldNCCLTrainerInitInfo(rank=rank, master_address=address, master_port=port, world_size=world_size,
+                                       packed=True, packed_buffer_size_bytes=cfg.bucket_bytes, listen_fd=listen_fd)
     from selfdistill.weights.gloo_engine import GlooTrainerInitInfo
 
     return GlooTrainerInitInfo(rank=rank, master_address=address, master_port=port, world_size=world_size,
-                               packed_buffer_size_bytes=cfg.bucket_bytes, timeout_s=cfg.timeout_s)
+                               packed_buffer_size_bytes=cfg.bucket_bytes, timeout_s=cfg.timeout_s,
+                               listen_fd=listen_fd)
 
 
 def _local_address_of_node() -> str:
     import ray
 
     return ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1"
-
-
-def _free_port(address: str) -> int:
-    with socket.socket() as s:
-        s.bind((address, 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- receiving side outside vLLM (teacher, hf engine)

@@ -10,7 +10,6 @@ this module when the backend is first used (registered by `collective.register_g
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from typing import ClassVar, Self
 
@@ -21,7 +20,7 @@ from vllm.distributed.weight_transfer.nccl_engine import (
 )
 
 from selfdistill.weights.base import TensorMeta, bucket_plan, pack
-from selfdistill.weights.collective import GlooInitInfo, _gloo_broadcast, _gloo_group, receive_buckets
+from selfdistill.weights.collective import GlooInitInfo, _gloo_broadcast, _gloo_group, open_with_workers, receive_buckets
 
 
 @dataclass
@@ -35,6 +34,7 @@ class GlooTrainerInitInfo(TrainerInitInfo):
     world_size: int
     packed_buffer_size_bytes: int
     timeout_s: float
+    listen_fd: int | None = None  # rank 0: its socket listening on master_port (`collective.held_port`)
 
 
 class GlooWeightTransferEngine(NCCLWeightTransferEngine):
@@ -87,16 +87,10 @@ class GlooTrainerWeightTransferEngine(NCCLTrainerWeightTransferEngine):
                                    rank_offset=1, world_size=init_info.world_size,
                                    packed_buffer_size_bytes=init_info.packed_buffer_size_bytes,
                                    timeout_s=init_info.timeout_s)
-        # Workers block in init_weight_transfer_engine until every rank has joined: rendezvous together.
-        with ThreadPoolExecutor(max_workers=1) as exe:
-            future = exe.submit(engine.client.init_weight_transfer_engine, asdict(worker_info))
-            try:
-                engine.model_update_group = _gloo_group(init_info.master_address, init_info.master_port, 0,
-                                                        init_info.world_size, init_info.timeout_s)
-            except Exception:
-                future.result()  # a receiver's error names it
-                raise
-            future.result()
+        engine.model_update_group = open_with_workers(
+            engine.client, asdict(worker_info),
+            lambda: _gloo_group(init_info.master_address, init_info.master_port, 0, init_info.world_size,
+                                init_info.timeout_s, init_info.listen_fd))
         return engine
 
     def _broadcast(self, source: WeightSource, meta: list[ParamMeta]) -> None:
