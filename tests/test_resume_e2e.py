@@ -3,6 +3,12 @@
 mid-run (the run stops with exit code 3 naming the rank, the checkpoint intact); resumed again,
 it ends with the same weights as a run that was never interrupted (on-policy and max_staleness 1).
 
+The kill during the write is deterministic: the run's driver (the process that writes checkpoints,
+launch/run_dir.py save_checkpoint) runs under strace, which SIGKILLs it on entering the rename of
+`.step-000004.partial` into `step-000004`: every file written and fsynced, the folder not yet in
+place. Polling for the partial folder and killing raced the write (under load the write could finish
+first). strace traces the driver's main thread only (no -f) and acts on that one path only.
+
 The in-process runs share one local cluster (fixture `local_ray`); the child processes start their own,
 which the SIGKILLs take down with them."""
 
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -60,6 +67,56 @@ def _kill_tree(pid: int) -> None:
     psutil.wait_procs(procs, timeout=30)
 
 
+def _killed_at_the_rename_of(partial: Path, argv: list[str], log: Path) -> None:
+    """Run `argv` (a train run) in a child process under strace, which SIGKILLs it on entering the rename of
+    `partial` into place; then SIGKILL what is left of it (its Ray cluster). Fails, saying why, unless the
+    run died exactly there (the kill landed after the write, before the rename)."""
+    renames = "rename,renameat,renameat2"
+    trace = log.with_suffix(".strace")
+    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+    with log.open("w") as err:
+        proc = subprocess.Popen(["strace", "-qq", "-o", str(trace), "-P", str(partial), "-e", f"trace={renames}",
+                                 "-e", f"inject={renames}:signal=SIGKILL", sys.executable, "-m",
+                                 "selfdistill.launch.cli", *argv], env=env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    seen: dict[int, psutil.Process] = {}  # its descendants: orphaned once the driver dies
+    deadline = time.monotonic() + 1800
+    try:
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, f"the run did not end within 1800 s: {log.read_text()[-3000:]}"
+            try:
+                seen.update((p.pid, p) for p in psutil.Process(proc.pid).children(recursive=True))
+            except psutil.NoSuchProcess:
+                pass
+            time.sleep(0.5)
+    finally:
+        if proc.poll() is None:
+            _kill_tree(proc.pid)
+        left = [p for p in [*seen.values(), *_in_session(proc.pid)] if p.is_running()]
+        for p in left:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(left, timeout=30)
+    traced = trace.read_text() if trace.exists() else "(no strace output)"
+    assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) and "+++ killed by SIGKILL +++" in traced, (
+        f"the run was not killed at the rename of {partial.name} (exit code {proc.returncode}); strace: "
+        f"{traced[-1000:]}; stderr: {log.read_text()[-3000:]}")
+    assert str(partial) in traced, traced[-1000:]
+
+
+def _in_session(sid: int) -> list[psutil.Process]:
+    procs = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                procs.append(p)
+        except (OSError, psutil.Error):
+            pass
+    return procs
+
+
 def _title(proc: psutil.Process) -> str:
     """A process's first command-line word ('' once it exited)."""
     try:
@@ -89,25 +146,17 @@ def _learner_killed_mid_run(overrides: list[str], run_dir: Path, log: Path) -> t
             _kill_tree(proc.pid)
 
 
+@pytest.mark.skipif(shutil.which("strace") is None, reason="strace kills the run at its checkpoint's rename")
 def test_sigkill_during_a_checkpoint_write_then_resume_auto_is_exact(tmp_path, tiny_model):
     reference = load_config(None, _overrides(tiny_model, tmp_path / "reference"))
     train(reference)
 
     overrides = _overrides(tiny_model, tmp_path / "killed")
-    env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
-    proc = subprocess.Popen([sys.executable, "-m", "selfdistill.launch.cli", "train", *overrides], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     run_dir = tmp_path / "killed" / "resume"
     partial = run_dir / "checkpoints" / ".step-000004.partial"
-    try:
-        while not partial.exists():  # the step-4 checkpoint is being written
-            assert proc.poll() is None, proc.stderr.read().decode()[-3000:]
-            time.sleep(0.001)
-        _kill_tree(proc.pid)
-    finally:
-        if proc.poll() is None:
-            _kill_tree(proc.pid)
-    assert partial.is_dir() and not checkpoint_dir(run_dir, 4).exists()
+    _killed_at_the_rename_of(partial, ["train", *overrides], tmp_path / "killed.log")
+    assert partial.is_dir() and not checkpoint_dir(run_dir, 4).exists(), "the kill did not land mid-write"
+    assert (partial / "trainer_state.json").is_file()  # written in full (the rename was all that was left)
     assert latest_checkpoint(run_dir).name == "step-000002"
 
     code, pid = _learner_killed_mid_run(overrides, run_dir, tmp_path / "learner-killed.log")
