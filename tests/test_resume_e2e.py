@@ -58,7 +58,10 @@ def _losses(run_dir: Path) -> dict[int, float]:
 
 def _kill_tree(pid: int) -> None:
     """SIGKILL a process and all its descendants (the driver, its Ray cluster and actors), by pid."""
-    procs = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
+    _kill_all([psutil.Process(pid), *psutil.Process(pid).children(recursive=True)])
+
+
+def _kill_all(procs: list[psutil.Process]) -> None:
     for proc in procs:
         try:
             proc.send_signal(signal.SIGKILL)
@@ -92,13 +95,7 @@ def _killed_at_the_rename_of(partial: Path, argv: list[str], log: Path) -> None:
     finally:
         if proc.poll() is None:
             _kill_tree(proc.pid)
-        left = [p for p in [*seen.values(), *_in_session(proc.pid)] if p.is_running()]
-        for p in left:
-            try:
-                p.send_signal(signal.SIGKILL)
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(left, timeout=30)
+        _kill_all([p for p in [*seen.values(), *_in_session(proc.pid)] if p.is_running()])
     traced = trace.read_text() if trace.exists() else "(no strace output)"
     assert proc.returncode in (-signal.SIGKILL, 128 + signal.SIGKILL) and "+++ killed by SIGKILL +++" in traced, (
         f"the run was not killed at the rename of {partial.name} (exit code {proc.returncode}); strace: "
