@@ -141,3 +141,32 @@ def test_nccl_rendezvous_store_serves_on_the_socket_held_since_the_port_was_chos
             worker.wait()
     assert worker.returncode == 0 and out.strip() == "from the sender's store"
     assert group.rank == 0 and group.world_size == 2
+
+
+def test_a_connect_that_fails_before_its_store_exists_frees_the_held_port(tiny_model, monkeypatch):
+    """The sender holds its port from `trainer_init_info` on; if the connect fails before a store took the
+    descriptor (here: opening the group with the receivers raises), the port is closed, not leaked: another
+    process can take it afterwards. (Once handed to a store, the store owns and closes it.)"""
+    import selfdistill.weights.gloo_engine as gloo_engine
+
+    def unreachable(*args, **kwargs):
+        raise RuntimeError("receivers unreachable")
+
+    monkeypatch.setattr(gloo_engine, "open_with_workers", unreachable)
+    infos = []
+
+    class Recording(CollectiveSender):
+        def trainer_init_info(self):
+            infos.append(super().trainer_init_info())
+            return infos[-1]
+
+    state = load_file(tiny_model / "model.safetensors")
+    meta = [TensorMeta(n, t.dtype, tuple(t.shape)) for n, t in state.items()]
+    sender = Recording(CollectiveConfig(backend="gloo", master_address="127.0.0.1"), 0, Receivers({}))
+    with pytest.raises(RuntimeError, match="receivers unreachable"):
+        sender.connect(Weights(meta, lambda: [state]))
+    [info] = infos
+    taker = _PortTaker(info.master_address, info.master_port)
+    taker.close()
+    assert taker.outcome == "took", f"port {info.master_port} still held after the failed connect (errno {taker.errno})"
+    assert info.listen_fd is None

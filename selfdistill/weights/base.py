@@ -256,8 +256,15 @@ class TrainerEngineSender:
 
         self.source = Source(weights)
         info = self.trainer_init_info()
-        self.receivers.begin(-1)
-        self.engine = WeightTransferTrainerFactory.trainer_init(info, client=self.receivers, source=self.source)
+        try:
+            self.receivers.begin(-1)
+            self.engine = WeightTransferTrainerFactory.trainer_init(info, client=self.receivers, source=self.source)
+        except BaseException:
+            self.release(info)
+            raise
+
+    def release(self, init_info) -> None:
+        """Free what `trainer_init_info` took (a port, a descriptor) when the connect that used it failed."""
 
     def send(self, weights: Weights, version: int):
         """Send one version to every receiver (every rank calls it); raises naming a receiver that failed."""

@@ -21,6 +21,7 @@ the held socket (nccl_engine.py).
 from __future__ import annotations
 
 import datetime
+import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -88,6 +89,13 @@ def held_port(address: str) -> tuple[int, int]:
     sock = _listening(address, 0)
     port = sock.getsockname()[1]
     return sock.detach(), port
+
+
+def take_listen_fd(init_info) -> int | None:
+    """Hand the descriptor `init_info` holds to the store that will serve on it (once: the store owns it from
+    here on, so a failed connect closes only a descriptor that was never handed over)."""
+    fd, init_info.listen_fd = init_info.listen_fd, None
+    return fd
 
 
 def _listening(address: str, port: int) -> socket.socket:
@@ -199,6 +207,11 @@ class CollectiveSender(TrainerEngineSender):
             register_nccl_held()
         listen_fd, port = held_port(address) if self.rank == 0 else (None, 0)
         return _trainer_init_info(self.cfg, self.rank, address, port, listen_fd, self.receivers.world_size)
+
+    def release(self, init_info) -> None:
+        fd = take_listen_fd(init_info)
+        if fd is not None:  # the connect failed before a store took the port: free it
+            os.close(fd)
 
 
 def _trainer_init_info(cfg: CollectiveConfig, rank: int, address: str, port: int, listen_fd: int | None,

@@ -20,7 +20,14 @@ from vllm.distributed.weight_transfer.nccl_engine import (
 )
 
 from selfdistill.weights.base import TensorMeta, bucket_plan, pack
-from selfdistill.weights.collective import GlooInitInfo, _gloo_broadcast, _gloo_group, open_with_workers, receive_buckets
+from selfdistill.weights.collective import (
+    GlooInitInfo,
+    _gloo_broadcast,
+    _gloo_group,
+    open_with_workers,
+    receive_buckets,
+    take_listen_fd,
+)
 
 
 @dataclass
@@ -90,7 +97,7 @@ class GlooTrainerWeightTransferEngine(NCCLTrainerWeightTransferEngine):
         engine.model_update_group = open_with_workers(
             engine.client, asdict(worker_info),
             lambda: _gloo_group(init_info.master_address, init_info.master_port, 0, init_info.world_size,
-                                init_info.timeout_s, init_info.listen_fd))
+                                init_info.timeout_s, take_listen_fd(init_info)))
         return engine
 
     def _broadcast(self, source: WeightSource, meta: list[ParamMeta]) -> None:

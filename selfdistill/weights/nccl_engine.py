@@ -26,7 +26,7 @@ from vllm.distributed.weight_transfer.nccl_engine import (
     NCCLTrainerInitInfo, NCCLTrainerWeightTransferEngine, NCCLWeightTransferInitInfo,
 )
 
-from selfdistill.weights.collective import open_with_workers
+from selfdistill.weights.collective import open_with_workers, take_listen_fd
 
 
 @dataclass
@@ -44,7 +44,8 @@ def trainer_group(init_info: HeldNCCLTrainerInitInfo):
     (None: on a socket `StatelessProcessGroup.create` binds to `master_port` now, as vLLM's does)."""
     from vllm.distributed.utils import StatelessProcessGroup
 
-    held = None if init_info.listen_fd is None else socket.socket(fileno=init_info.listen_fd)
+    fd = take_listen_fd(init_info)
+    held = None if fd is None else socket.socket(fileno=fd)
     return StatelessProcessGroup.create(host=init_info.master_address, port=init_info.master_port, rank=0,
                                         world_size=init_info.world_size, listen_socket=held)
 
