@@ -4,10 +4,14 @@ DeepSpeed's own checkpoint engine loads with `weights_only=False`, which runs wh
 checkpoint file's pickle says. `load_weights_only` swaps in an engine that writes the same
 files and reads them with the weights-only unpickler, allowing only the few plain DeepSpeed
 classes its optimizer state holds; a file that names anything else fails to load, with
-torch's message naming it. DeepSpeed is imported on use (the driver never loads it).
+torch's message naming it. Some Pythons (Debian bookworm's 3.11.2, for one) pickle an Enum
+member as `getattr(EnumClass, name)`: that `getattr` is allowed, but only as a lookup of a
+member of those enum classes. DeepSpeed is imported on use (the driver never loads it).
 """
 
 from __future__ import annotations
+
+import pickle
 
 import torch
 
@@ -19,7 +23,15 @@ def load_weights_only(engine) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    safe_globals = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
+    enums = (ZeroStageEnum,)
+
+    def enum_member(cls, name: str):
+        if cls not in enums or name not in cls.__members__:
+            raise pickle.UnpicklingError(f"checkpoint asks for getattr({cls!r}, {name!r}): only a member of "
+                                         f"{', '.join(e.__name__ for e in enums)} may be looked up")
+        return cls[name]
+
+    safe_globals = [LossScaler, DynamicLossScaler, *enums, fragment_address, (enum_member, "builtins.getattr")]
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
