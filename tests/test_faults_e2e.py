@@ -5,7 +5,8 @@ holds the learner's weights. Both weight transports are covered: the gloo collec
 group every replacement rejoins (a fresh rendezvous of all receivers), in an asynchronous pipeline
 run (`rollout.max_staleness: 1`, the engine killed mid-generation as the learner trains); the object store, the
 default job's, whose kept buckets a replacement loads before it serves (a short run, one kill; its
-objective must move the weights in one step, or the check could not tell old weights from new).
+objective must move the weights in one step, or the check could not tell old weights from new). An EMA
+teacher's replacement starts from the average saved in the last checkpoint.
 
 The runs share one local cluster (fixture `local_ray`)."""
 
@@ -19,6 +20,8 @@ import time
 
 import pytest
 import ray
+import torch
+from safetensors.torch import load_file
 
 from selfdistill.config import load_config
 from selfdistill.launch.faults import Faults
@@ -163,3 +166,43 @@ def test_object_store_replacement_loads_the_published_weights_before_it_serves(t
     assert after <= SYNC_TOLERANCE  # the object store's buckets made the replacement the learner's copy
     assert [r["rollout/staleness_max"] for r in rows] == [0, 0]  # and it redid the lost groups on them
     _assert_stopped(summary, killed_engine)
+
+
+def test_replacement_ema_teacher_starts_from_the_average_of_the_last_checkpoint(tmp_path, tiny_model, monkeypatch):
+    """An EMA teacher killed while it scores for step 4 is rebuilt from the average saved in the step-2 checkpoint
+    (not from the run's starting weights, which would drop every version averaged so far), then takes the
+    published weights as one more version."""
+    score_async, killed_teacher = Roles.score_async, []
+
+    def kills_in_step_4(self, *args):  # step 4's first scoring call: after step 3 trained, checkpoint 2 saved
+        out = score_async(self, *args)
+        if self.learner_version == 3 and not killed_teacher:
+            time.sleep(0.05)  # let it start on the request
+            killed_teacher.append(self.pids["teacher"])
+            os.kill(self.pids["teacher"], signal.SIGKILL)
+        return out
+
+    monkeypatch.setattr(Roles, "score_async", kills_in_step_4)
+    rebuilt, start = [], Faults._start
+
+    def saved_then_start(self, actor, roles):  # only the teacher dies here
+        ray.get(actor.ready.remote())
+        folder = tmp_path / f"replacement-{len(rebuilt)}"
+        ray.get(actor.save.remote(str(folder)))
+        rebuilt.append(load_file(folder / "model.safetensors"))
+        return start(self, actor, roles)
+
+    monkeypatch.setattr(Faults, "_start", saved_then_start)
+    cfg = _config(tmp_path, tiny_model, "faults-ema", "run.steps=5", "run.eval_size=0", "run.save_every=2",
+                  "run.keep_checkpoints=3", "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=24",
+                  "teacher.weights=ema")
+    summary = train(cfg)
+    rows = _rows(cfg)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["fault/teacher"] == 1
+    [replacement] = rebuilt
+    average = load_file(cfg.run_dir / "checkpoints" / "step-000002" / "teacher" / "model.safetensors")
+    initial = load_file(tiny_model / "model.safetensors")
+    assert replacement.keys() == average.keys()
+    assert all(torch.equal(replacement[n], average[n]) for n in average), "not rebuilt from the step-2 average"
+    assert not all(torch.equal(average[n], initial[n].to(average[n].dtype)) for n in average)  # it had moved
+    _assert_stopped(summary, [], killed_teacher)

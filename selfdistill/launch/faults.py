@@ -109,7 +109,8 @@ class Faults:
     def replace_teacher(self, roles, teacher, error: BaseException) -> None:
         """Count `teacher`'s failure and start a fresh teacher holding the learner's weights (unless frozen).
 
-        An EMA teacher restarts its average from the last published weights.
+        An EMA teacher restarts from the average saved in the run's last checkpoint (before the first: the one
+        it started from) and takes the weights published since as one more blended version.
         """
         with self._lock:
             if roles.teacher is not teacher:  # the other thread replaced it already

@@ -203,6 +203,11 @@ class Roles:
         if self.teacher is not None and self.cfg.teacher.weights == "ema":
             ray.get(self.teacher.save.remote(str(path / "teacher")))
 
+    def checkpointed(self, path) -> None:
+        """Checkpoint `path` is complete: a replacement EMA teacher starts from the average saved in it."""
+        if self.teacher is not None and self.cfg.teacher.weights == "ema":
+            self.teacher_path = str(path / "teacher")
+
     # ------------------------------------------------------------------ checks
 
     def sync_gap(self, sequence: list[int]) -> float:
