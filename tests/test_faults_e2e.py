@@ -34,14 +34,16 @@ SYNC_TOLERANCE = 1e-4
 PROBE = list(range(3, 40))  # a fixed token sequence both sides score
 
 
-def _kill_on_call(monkeypatch, method: str, role: str, call: int) -> list[int]:
-    """SIGKILL the `role` actor's process right after Roles.`method` sent it its `call`-th request."""
+def _kill_on_call(monkeypatch, method: str, role: str, call: int | None = None,
+                  version: int | None = None) -> list[int]:
+    """SIGKILL the `role` actor's process right after Roles.`method` sent it its `call`-th request, or (`version`)
+    its first request once the learner holds that version."""
     original, calls, killed = getattr(Roles, method), [], []
 
     def sends_then_kills(self, *args):
         out = original(self, *args)
         calls.append(1)
-        if len(calls) == call:
+        if not killed and (len(calls) == call if version is None else self.learner_version == version):
             time.sleep(0.05)  # let it start on the request
             pid = self.pids[role][0] if role == "rollout" else self.pids[role]
             os.kill(pid, signal.SIGKILL)
@@ -172,17 +174,8 @@ def test_replacement_ema_teacher_starts_from_the_average_of_the_last_checkpoint(
     """An EMA teacher killed while it scores for step 4 is rebuilt from the average saved in the step-2 checkpoint
     (not from the run's starting weights, which would drop every version averaged so far), then takes the
     published weights as one more version."""
-    score_async, killed_teacher = Roles.score_async, []
-
-    def kills_in_step_4(self, *args):  # step 4's first scoring call: after step 3 trained, checkpoint 2 saved
-        out = score_async(self, *args)
-        if self.learner_version == 3 and not killed_teacher:
-            time.sleep(0.05)  # let it start on the request
-            killed_teacher.append(self.pids["teacher"])
-            os.kill(self.pids["teacher"], signal.SIGKILL)
-        return out
-
-    monkeypatch.setattr(Roles, "score_async", kills_in_step_4)
+    # step 4's first scoring call: after step 3 trained, so after checkpoint 2 was saved
+    killed_teacher = _kill_on_call(monkeypatch, "score_async", "teacher", version=3)
     rebuilt, start = [], Faults._start
 
     def saved_then_start(self, actor, roles):  # only the teacher dies here
@@ -194,8 +187,8 @@ def test_replacement_ema_teacher_starts_from_the_average_of_the_last_checkpoint(
 
     monkeypatch.setattr(Faults, "_start", saved_then_start)
     cfg = _config(tmp_path, tiny_model, "faults-ema", "run.steps=5", "run.eval_size=0", "run.save_every=2",
-                  "run.keep_checkpoints=3", "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=24",
-                  "teacher.weights=ema")
+                  "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=24", "teacher.weights=ema",
+                  "run.keep_checkpoints=3")  # step 2's checkpoint is read after the run
     summary = train(cfg)
     rows = _rows(cfg)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["fault/teacher"] == 1

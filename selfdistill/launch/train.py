@@ -117,11 +117,11 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
                     if _saves_at(cfg, step):
                         with exposure_lock:
                             exposure_state = exposure.state_dict()
-                        roles.checkpointed(save_checkpoint(
-                            run_dir, step, cfg.run.keep_checkpoints,
-                            lambda path: roles.save_checkpoint(path, {"data": batch.data_state}),
-                            {"step": step, "data": batch.data_state, "initial_model": initial_model,
-                             "eval_before": before, "exposure": exposure_state}))
+                        saved = save_checkpoint(run_dir, step, cfg.run.keep_checkpoints,
+                                                lambda path: roles.save_checkpoint(path, {"data": batch.data_state}),
+                                                {"step": step, "data": batch.data_state, "initial_model": initial_model,
+                                                 "eval_before": before, "exposure": exposure_state})
+                        roles.checkpointed(saved)
             after = evaluated.get(cfg.run.steps) or faults.retrying(roles, held_out_eval, roles, eval_problems, cfg,
                                                                    cfg.run.steps)
             pids, placement = roles.pids, roles.placement

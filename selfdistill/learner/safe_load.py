@@ -23,15 +23,13 @@ def load_weights_only(engine) -> None:
     from deepspeed.runtime.zero.config import ZeroStageEnum
     from deepspeed.utils.tensor_fragment import fragment_address
 
-    enums = (ZeroStageEnum,)
-
     def enum_member(cls, name: str):
-        if cls not in enums or name not in cls.__members__:
+        if cls is not ZeroStageEnum or name not in cls.__members__:
             raise pickle.UnpicklingError(f"checkpoint asks for getattr({cls!r}, {name!r}): only a member of "
-                                         f"{', '.join(e.__name__ for e in enums)} may be looked up")
+                                         "ZeroStageEnum may be looked up")
         return cls[name]
 
-    safe_globals = [LossScaler, DynamicLossScaler, *enums, fragment_address, (enum_member, "builtins.getattr")]
+    safe_globals = [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address, (enum_member, "builtins.getattr")]
 
     class WeightsOnlyCheckpointEngine(TorchCheckpointEngine):
         def load(self, path: str, map_location=None):
