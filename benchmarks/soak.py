@@ -15,7 +15,8 @@ Every `--every` seconds a thread of the driver records:
 - each process of this machine in the run (the driver and its descendants: Ray's own processes, every actor,
   vLLM and verifier workers): resident memory (RSS), open file descriptors (/proc/PID/fd), threads;
 - every Ray worker of every node, as its raylet reports it (the calls `ray memory` makes): pid, actor, node,
-  objects it owns, object refs in scope; and per node the plasma store's objects and bytes.
+  objects it owns, object refs in scope; and per node the plasma store's objects and bytes;
+- the task events the GCS holds (about 8 KB of gcs_server memory each, up to `cluster.max_task_events`).
 On a cluster the driver joined, processes on other nodes are listed with their pid and node and their Ray object
 counts, but their RSS, files and threads cannot be read from here (no /proc of another machine): the table
 says so. The results (every sample, and per series first / last / max and the linear trend per 100 steps over
@@ -92,6 +93,9 @@ def ray_workers_and_store() -> dict | None:
                 out["workers"][str(w.pid)] = {"node": node["NodeID"], "actor_id": w.actor_id.hex(),
                                               "owned_objects": w.num_owned_objects,
                                               "refs_in_scope": w.num_object_refs_in_scope}
+        from ray._private.state import state
+
+        out["gcs_task_events"] = len(state._get_all_task_events())  # kept up to cluster.max_task_events
         return out
     except Exception:  # the cluster is starting or going away
         return None
@@ -179,6 +183,8 @@ def series_of(samples: list[dict]) -> tuple[dict, dict]:
             where = "this node" if n["local"] else f"node {n['address']}"
             for metric in ("plasma_objects", "plasma_mb"):
                 series.setdefault(f"plasma store ({where}) / {metric}", []).append((step, n[metric]))
+        if "gcs_task_events" in ray_info:
+            series.setdefault("GCS / task_events", []).append((step, ray_info["gcs_task_events"]))
         workers = ray_info.get("workers", {})
         for metric in ("owned_objects", "refs_in_scope"):
             series.setdefault(f"all Ray workers / {metric}", []).append(

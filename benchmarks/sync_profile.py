@@ -2,12 +2,16 @@
 
     .venv/bin/python benchmarks/sync_profile.py --out benchmarks/results/sync_profile [--syncs 3] [--bucket-mb 64]
 
-This process plays the learner's rank 0 (a transformers model's parameters, bucketed and cloned to
-float32 as `learner/actor._gathered_buckets` does) and sends through the real senders of
+This process plays the learner's rank 0 (a transformers model's float32 parameters, bucketed as
+`learner/actor._gathered_buckets` does under ZeRO 0-2: copied for the object store, the parameters
+themselves for a transport that packs them) and sends through the real senders of
 selfdistill/weights/ to a real `RolloutActor` (vLLM engine) in a Ray actor. For each transport, after
 one warm-up sync, `--syncs` syncs are timed end to end here and profiled (cProfile) inside the engine
-process; the table gives medians of the total and of the receiver's stages. Also timed here, once:
-the learner's clone of every parameter and one pack of all of them into a gloo buffer.
+process; the table gives medians of the total and of the receiver's stages. The collective runs twice: as
+the learner sends now (the parameters themselves) and with every tensor copied first (as it did
+before: the baseline of the copy's cost). Also timed here, once:
+a copy of every parameter (what the object store's buckets cost the learner) and one pack of all of
+them into a gloo buffer.
 Writes OUT/sync_profile.md and OUT/sync_profile.json.
 """
 
@@ -80,17 +84,17 @@ def main(argv: list[str] | None = None) -> None:
     params = dict(AutoModelForCausalLM.from_pretrained(path, torch_dtype=torch.float32).named_parameters())
     meta = [TensorMeta(n, torch.float32, tuple(p.shape)) for n, p in params.items()]
     start = time.perf_counter()
-    cloned = [p.detach().float().clone() for p in params.values()]
+    cloned = [p.detach().clone() for p in params.values()]
     clone_s = time.perf_counter() - start
     start = time.perf_counter()
     megabytes = pack(cloned).numel() / 1e6
     pack_s = time.perf_counter() - start
     del cloned
 
-    def buckets():  # the learner's buckets: a bucket closes once it holds more than bucket_mb
+    def buckets(copy: bool):  # the learner's buckets (ZeRO 0-2): copies only for a transport that keeps them
         bucket, size = {}, 0
         for name, p in params.items():
-            bucket[name] = p.detach().float().clone()
+            bucket[name] = p.detach().clone() if copy else p.detach()
             size += p.numel() * 4
             if size > args.bucket_mb * 2**20:
                 yield bucket
@@ -102,18 +106,22 @@ def main(argv: list[str] | None = None) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False)
     try:
         engine = EngineConfig(enforce_eager=True, kv_cache_gib=0.2, max_model_len=512)
-        for transport, cfg in [("object_store", ObjectStoreConfig(bucket_mb=args.bucket_mb)),
-                               ("collective (gloo)", CollectiveConfig(backend="gloo", bucket_mb=args.bucket_mb))]:
+        collective = CollectiveConfig(backend="gloo", bucket_mb=args.bucket_mb)
+        # (label, transport, learner copies each tensor: None = as learner/actor._weights decides)
+        for transport, cfg, copy in [("object_store", ObjectStoreConfig(bucket_mb=args.bucket_mb), None),
+                                     ("collective (gloo), copied", collective, True),
+                                     ("collective (gloo)", collective, None)]:
             actor = ray.remote(RolloutActor).options(num_cpus=2).remote(str(path), engine, cfg, 0)
             ray.get(actor.ready.remote())
             sender = build_sender(cfg, 0, Receivers({"engine 0": actor}, timeout_s=cfg.timeout_s))
-            sender.connect(Weights(meta, buckets))
+            copy = not sender.packs if copy is None else copy
+            sender.connect(Weights(meta, lambda: buckets(copy)))
             totals, stages = [], []
             for version in range(args.syncs + 1):
                 if version:
                     ray.get(actor.__ray_call__.remote(_profile_on))
                 start = time.perf_counter()
-                sender.send(Weights(meta, buckets), version + 1)  # returns once the engine committed it
+                sender.send(Weights(meta, lambda: buckets(copy)), version + 1)  # returns once the engine committed it
                 if version:
                     totals.append(time.perf_counter() - start)
                     stages.append(ray.get(actor.__ray_call__.remote(_profile_off)))
@@ -125,12 +133,12 @@ def main(argv: list[str] | None = None) -> None:
         ray.shutdown()
     for row in rows:
         row["vLLM load share"] = row["vLLM load_weights (layerwise reload)"] / row["sync s"]
-    rows[1]["collective / object store"] = rows[1]["sync s"] / rows[0]["sync s"]
-    rows[0]["collective / object store"] = 1.0
+    for row in rows:
+        row["collective / object store"] = row["sync s"] / rows[0]["sync s"]
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    keys = list(rows[0]) + ["collective / object store"] * ("collective / object store" not in rows[0])
+    keys = list(rows[0])
     cell = (lambda v: f"{v:.3g}" if isinstance(v, float) else str(v))
     lines = ["# weight sync profile: SmolLM2-135M into one vLLM engine", "",
              f"`.venv/bin/python benchmarks/sync_profile.py --syncs {args.syncs} --bucket-mb {args.bucket_mb:g}`", "",

@@ -262,6 +262,12 @@ class ClusterConfig(Strict):
         description="Address a local cluster (and the learner's gloo/NCCL rendezvous) binds to: loopback unless set; "
         "every Ray process of the local cluster listens only there.",
     )
+    max_task_events: int = Field(
+        10_000, ge=0,
+        description="Task events a local cluster's GCS keeps (what `ray list tasks` and the dashboard show): each "
+        "costs about 8 KB of gcs_server memory, kept until this cap (Ray's own default, 100000, is about 800 MB). "
+        "A joined cluster keeps its own setting (docs/cluster.md).",
+    )
 
 
 class TrainConfig(Strict):

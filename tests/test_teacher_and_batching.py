@@ -80,6 +80,26 @@ def test_teacher_weight_modes(model_dir, mode):
     assert version == (0 if mode == "frozen" else 7)
 
 
+def test_a_bfloat16_ema_teacher_averages_in_float32_and_resumes_from_its_saved_average(model_dir, tmp_path):
+    cfg = TeacherConfig(weights="ema", ema_rate=0.999, dtype="bfloat16")
+    teacher = TeacherActor(str(model_dir), cfg, PromptTemplates(), 1.0, ObjectStoreConfig())
+    name = "model.norm.weight"  # all ones
+    params = lambda t: dict(t.model.named_parameters())  # noqa: E731
+    start = params(teacher)[name].detach().float().clone()
+    live = {n: (p.detach().float() + 0.05).to(torch.bfloat16) for n, p in params(teacher).items()}
+    for version in range(1, 201):
+        teacher.load_weights([live], version)
+    expected = start + (1 - 0.999**200) * (live[name].float() - start)  # 1 + 0.181 * 0.047: +0.0085
+    torch.testing.assert_close(teacher.average[name], expected, rtol=1e-5, atol=0)
+    # scored with the average rounded to bfloat16; blended in bfloat16 itself it would still be all ones
+    assert torch.equal(params(teacher)[name], expected.to(torch.bfloat16))
+    assert not torch.equal(params(teacher)[name], start.to(torch.bfloat16))
+    teacher.save(str(tmp_path / "teacher"))
+    resumed = TeacherActor(str(tmp_path / "teacher"), cfg, PromptTemplates(), 1.0, ObjectStoreConfig())
+    for n, average in teacher.average.items():
+        assert torch.equal(resumed.average[n], average)  # the float32 average, not its bfloat16 rounding
+
+
 def _traj(group, prompt, response, reward):
     return Trajectory(problem=PROBLEM, group=group, prompt_ids=prompt, response_ids=response,
                       sampling_logprobs=[-0.5] * len(response), finish_reason="stop", weight_version=0, reward=reward)

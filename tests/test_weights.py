@@ -165,3 +165,34 @@ def test_ipc_receivers_off_the_learner_gpus_are_refused_by_field(overrides, fiel
 
     with pytest.raises(ConfigError, match=re.escape(field) + ":"):
         _colocated("placement.rollout.gpus=1", "rollout.num_engines=4", "placement.teacher.gpus=1", *overrides)
+
+
+def test_receive_buckets_starts_the_next_receive_before_handing_out_a_bucket():
+    """Bucket k+1 travels while the receiver loads bucket k: its receive is started before bucket k is yielded,
+    and each bucket's tensors are what the sender packed."""
+    from selfdistill.weights.collective import receive_buckets
+
+    sent = [("a", torch.arange(4.0)), ("b", torch.arange(3.0) + 10), ("c", torch.tensor([7.0]))]
+    meta = _meta(sent)
+    plan = bucket_plan([m.nbytes for m in meta], 8)  # a: 16 bytes alone, then b (12 bytes) alone, then c
+    packed, events = [pack([sent[i][1] for i in part]) for part in plan], []
+
+    class Receive:
+        def __init__(self, k, buffer):
+            self.k, self.buffer = k, buffer
+
+        def wait(self):
+            events.append(f"wait {self.k}")
+            self.buffer.copy_(packed[self.k])
+
+    def start(buffer):
+        events.append(f"start {len([e for e in events if e.startswith('start')])}")
+        return Receive(len([e for e in events if e.startswith("start")]) - 1, buffer)
+
+    got = []
+    for bucket in receive_buckets(start, meta, 8):
+        events.append(f"load {[name for name, _ in bucket]}")
+        got += [(name, t.clone()) for name, t in bucket]
+    assert events == ["start 0", "wait 0", "start 1", "load ['a']", "wait 1", "start 2", "load ['b']", "wait 2",
+                      "load ['c']"]
+    assert [name for name, _ in got] == ["a", "b", "c"] and all(torch.equal(t, s) for (_, t), (_, s) in zip(got, sent))

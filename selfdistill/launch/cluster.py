@@ -25,9 +25,11 @@ def is_loopback(address: str) -> bool:
 
 
 @contextmanager
-def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.0.0.1", quiet: bool = True):
+def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.0.0.1", quiet: bool = True,
+                max_task_events: int = 10_000):
     """Connect to `address` (`auto`: the cluster this job was submitted to; never starts another), or start
-    a local single-node cluster listening only on `node_ip_address`; shut down after.
+    a local single-node cluster listening only on `node_ip_address`, its GCS keeping at most
+    `max_task_events` task events; shut down after.
 
     A driver that has Ray running already (a notebook, a test session, a script calling `train` several
     times) keeps its connection: the run uses it and leaves it up."""
@@ -49,7 +51,7 @@ def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.
             _keep_on_loopback()
         # address="local": a new cluster of our own, even while other runs on this machine have theirs
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, _node_ip_address=node_ip_address,
-                 **kwargs)
+                 _system_config={"task_events_max_num_task_in_gcs": max_task_events}, **kwargs)
     try:
         yield ray
     finally:

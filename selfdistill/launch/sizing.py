@@ -8,8 +8,9 @@ Estimates, in GiB per actor, of what each role holds at its peak:
   kept for backward) and the fp32 log-softmax over the vocabulary for the response tokens;
 - rollout engine: its shard of the weights (divided by tensor-parallel size) plus the KV cache for every
   sequence of its share of the batch at full length (2 * layers * kv_heads * head_dim per token);
-- teacher: the weights plus one forward of `teacher.batch_size` sequences (activations and fp32 logits
-  over the vocabulary, or the top-k the teacher sends).
+- teacher: the weights (an EMA teacher below float32 adds its float32 average) plus one forward of
+  `teacher.batch_size` sequences (activations and fp32 logits over the vocabulary, or the top-k the
+  teacher sends).
 
 They are meant for sizing (which GPU, how many ranks), not for the last GiB: CUDA context, allocator
 fragmentation and vLLM's CUDA graphs come on top (vLLM takes `gpu_memory_utilization` of the GPU anyway).
@@ -138,6 +139,8 @@ def engine_memory(cfg, shape: ModelShape, tensor_parallel_size: int) -> RoleMemo
 def teacher_memory(cfg, shape: ModelShape) -> RoleMemory:
     b = DTYPE_BYTES[cfg.teacher.dtype]
     weights = shape.parameters * b
+    if cfg.teacher.weights == "ema" and cfg.teacher.dtype != "float32":
+        weights += shape.parameters * 4  # the float32 average beside the model (teacher/actor.py)
     tokens = cfg.teacher.batch_size * _sequence_len(cfg)
     activations = tokens * shape.hidden_size * b * 4  # inference: a few live hidden-state tensors per token
     logits = tokens * shape.vocab_size * 4

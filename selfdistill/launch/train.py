@@ -64,7 +64,8 @@ def train(cfg: TrainConfig, resume_from: Path | None = None) -> dict:
 
     tokenizer = AutoTokenizer.from_pretrained(policy)
     num_cpus = cfg.cluster.num_cpus or cpus_needed(cfg, contexts)
-    with ray_cluster(cfg.cluster.address, num_cpus, cfg.cluster.node_ip_address):
+    with ray_cluster(cfg.cluster.address, num_cpus, cfg.cluster.node_ip_address,
+                     max_task_events=cfg.cluster.max_task_events):
         console.status("starting Ray actors (vLLM engines, teacher, DeepSpeed ranks)")
         with Roles(cfg, policy, teacher, tokenizer, contexts, str(resume_from) if resume_from else None, start) as roles:
             (run_dir / "placement.json").write_text(json.dumps(roles.placement, indent=2))  # actor -> node id

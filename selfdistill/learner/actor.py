@@ -226,35 +226,45 @@ class LearnerActor:
         merged = self.cfg.learner.lora.sync == "merged" if merged is None else merged
         return lora.merged_units(model) if merged else lora.adapter_units(model)
 
-    def _gathered_buckets(self, bucket_bytes: int, units: list[lora.SyncUnit]) -> Iterator[dict[str, torch.Tensor]]:
-        """The units' tensors in buckets; under ZeRO-3 every rank gathers one bucket at a time."""
+    def _gathered_buckets(self, bucket_bytes: int, units: list[lora.SyncUnit], copy: bool = True
+                          ) -> Iterator[dict[str, torch.Tensor]]:
+        """The units' tensors, in the parameters' own dtype, in buckets; under ZeRO-3 every rank gathers one
+        bucket at a time.
+
+        Each tensor is a copy unless `copy` is False and the parameters outlive the pass (ZeRO 0-2): then it
+        is the parameter's own storage, for a transport that copies every tensor into buffers of its own.
+        A copy is needed where the tensors are kept: under ZeRO 0-2 parameters are views into one flat buffer,
+        which pickling (ray.put) or safetensors would take whole, and under ZeRO-3 a bucket's gathered
+        storage is released after it.
+        """
         import deepspeed
 
         zero3 = self.cfg.learner.zero_stage == 3
+        copy = copy or zero3
         bucket, size = [], 0
         for unit in units + [None]:
             first = None if unit is None else unit[1][0]  # the published tensor has the first part's size
-            numel = 0 if first is None else (first.ds_numel if zero3 else first.numel())
-            if bucket and (unit is None or size + numel * 4 > bucket_bytes):
+            nbytes = 0 if first is None else (first.ds_numel if zero3 else first.numel()) * first.dtype.itemsize
+            if bucket and (unit is None or size + nbytes > bucket_bytes):
                 params = [p for _, parts, _ in bucket for p in parts]
-                # clone: under ZeRO 0-2 parameters are views into one flat buffer, and pickling a
-                # view (ray.put) would ship the whole buffer with every tensor.
                 with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=zero3):
-                    yield {n: compute().detach().float().clone() for n, _, compute in bucket}
+                    yield {n: compute().detach().clone() if copy else compute().detach() for n, _, compute in bucket}
                 bucket, size = [], 0
             if unit is not None:
                 bucket.append(unit)
-                size += numel * 4
+                size += nbytes
 
     def _weights(self) -> weights.Weights:
-        """What a sync carries: every weight, or with LoRA the adapter (`learner.lora.sync`), in buckets."""
+        """What a sync carries: every weight, or with LoRA the adapter (`learner.lora.sync`), in buckets, in the
+        learner's parameter dtype (what its own forward computes with)."""
         units = self._sync_units()
         zero3 = self.cfg.learner.zero_stage == 3
-        meta = [weights.TensorMeta(name, torch.float32, tuple(parts[0].ds_shape if zero3 else parts[0].shape))
+        meta = [weights.TensorMeta(name, parts[0].dtype, tuple(parts[0].ds_shape if zero3 else parts[0].shape))
                 for name, parts, _ in units]
         lc = self.cfg.learner.lora
         kind = "adapter" if lc is not None and lc.sync != "merged" else "full"
-        return weights.Weights(meta, lambda: self._gathered_buckets(self.cfg.sync.bucket_bytes, units), kind)
+        copy = not self.sender.packs  # a packing transport copies each tensor into its buffers itself
+        return weights.Weights(meta, lambda: self._gathered_buckets(self.cfg.sync.bucket_bytes, units, copy), kind)
 
     def connect_weights(self, receivers: dict, workers: dict[str, int] | None = None) -> None:
         """Join the weight transport with the named receiver actors (every rank calls it; rank 0 sends)."""

@@ -4,6 +4,12 @@ Weights follow `teacher.weights`: `live` takes every published version, `frozen`
 initial weights, `ema` blends each published version into a moving average. Given a LoRA
 adapter folder, the teacher is base + adapter and takes (or averages) adapter tensors. One call
 scores every response under every context the objective asked for.
+
+An EMA teacher whose dtype is below float32 keeps its average in float32 beside the model and
+scores with the average rounded to its dtype: blended in bfloat16 itself, an update of
+(1 - ema_rate) x (live - average) is far below half a bfloat16 step (2^-9 of the value), so every
+blend would round back and the teacher would never move. The float32 average is saved with the
+teacher (`EMA_AVERAGE` in its folder) and read back when the teacher starts from that folder.
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ from selfdistill.models.attention import attention_kernel, placement_device
 from selfdistill.teacher.scorer import score_responses
 from selfdistill.weights.object_store import bucket_tensors
 
+EMA_AVERAGE = "ema_average.safetensors"  # an EMA teacher's float32 average, when its dtype is lower
+
 
 class TeacherActor:
     """Ray actor (created with `ray.remote(TeacherActor)`); see module docstring."""
@@ -36,6 +44,7 @@ class TeacherActor:
         attn = attention_kernel(cfg.attn_implementation, device)
         self.model = lora.load_policy(model_path, getattr(torch, cfg.dtype), attn_implementation=attn).to(device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
+        self.average = self._float32_average(model_path) if cfg.weights == "ema" else None
         self.receiver = weights.build_receiver(sync)
         self.version = 0
         self.pid = os.getpid()
@@ -80,23 +89,50 @@ class TeacherActor:
         self.version = int(weight_version)
 
     @torch.no_grad()
+    def _float32_average(self, model_path: str) -> dict[str, torch.Tensor] | None:
+        """An EMA teacher's float32 average of its published parameters (None in float32: the parameters are
+        the average): the one saved in `model_path`, else the parameters as loaded."""
+        params = lora.published_parameters(self.model)
+        if all(p.dtype == torch.float32 for p in params.values()):
+            return None
+        saved = os.path.join(model_path, EMA_AVERAGE)
+        if os.path.isfile(saved):
+            from safetensors.torch import load_file
+
+            average = load_file(saved, device=str(next(iter(params.values())).device))
+            if set(average) != set(params):
+                raise ValueError(f"{saved}: its tensors are not the teacher's published parameters")
+            return average
+        return {name: p.detach().float().clone() for name, p in params.items()}
+
+    @torch.no_grad()
     def _apply(self, named_tensors) -> None:
         """Copy (live) or blend (ema) received tensors into the teacher's parameters."""
         if self.cfg.weights == "frozen":
             raise RuntimeError("a frozen teacher receives no weights (it is not a weight-sync receiver)")
         params = lora.published_parameters(self.model)
+        rate = self.cfg.ema_rate
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"teacher received unknown parameter {name!r}")
-            if self.cfg.weights == "ema":
-                params[name].mul_(self.cfg.ema_rate).add_(tensor.to(params[name].dtype), alpha=1 - self.cfg.ema_rate)
-            else:
+            if self.cfg.weights == "live":
                 params[name].copy_(tensor)
+            elif self.average is None:
+                params[name].mul_(rate).add_(tensor.to(params[name].dtype), alpha=1 - rate)
+            else:
+                average = self.average[name]
+                average.mul_(rate).add_(tensor.to(average.dtype), alpha=1 - rate)
+                params[name].copy_(average)
 
     def save(self, path: str) -> None:
-        """Write the teacher's own weights (needed to resume an EMA teacher) as a Hugging Face folder."""
+        """Write the teacher's own weights (needed to resume an EMA teacher) as a Hugging Face folder, with its
+        float32 average where it keeps one."""
         self.model.save_pretrained(path, safe_serialization=True)
         self.tokenizer.save_pretrained(path)
+        if self.average is not None:
+            from safetensors.torch import save_file
+
+            save_file({n: t.contiguous() for n, t in self.average.items()}, os.path.join(path, EMA_AVERAGE))
 
     def sequence_logprobs(self, sequences: list[list[int]]) -> list[list[float]]:
         """log p(x_t | x_<t) for t >= 1 under the teacher's current weights (temperature 1)."""

@@ -227,6 +227,8 @@ class TrainerEngineSender:
     """Learner side of a transport built on vLLM's trainer engines: `trainer_init` on every rank at connect
     (rank 0 drives the receivers through the `Receivers` client), `send_weights()` per sync."""
 
+    packs = True  # vLLM's packed producers copy every tensor into a buffer: views of parameters are fine
+
     def __init__(self, cfg: SyncCommon, rank: int, receivers: Receivers | None = None):
         self.cfg, self.rank = cfg, rank
         self.receivers = receivers if receivers is not None else Receivers({}, timeout_s=cfg.timeout_s)

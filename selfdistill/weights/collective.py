@@ -25,7 +25,7 @@ import os
 import socket
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from pydantic import Field
@@ -115,19 +115,38 @@ def _local_address(master_address: str) -> str:
     return ray.util.get_node_ip_address()
 
 
-def receive_buckets(broadcast: Callable[[torch.Tensor], None], meta: list[TensorMeta], buffer_bytes: int,
+def receive_buckets(start: Callable[[torch.Tensor], Any], meta: list[TensorMeta], buffer_bytes: int,
                     device: torch.device | str = "cpu") -> Iterator[list[tuple[str, torch.Tensor]]]:
     """Receive one sync bucket by bucket (the sender's `bucket_plan` over the same metadata); yield each
-    bucket's named tensors (views of its buffer, valid until the next bucket arrives)."""
-    for part in bucket_plan([m.nbytes for m in meta], buffer_bytes):
+    bucket's named tensors (views of its buffer, valid until the next bucket arrives).
+
+    `start(buffer)` begins receiving into the buffer and returns what to `wait()` on. Bucket k+1's receive
+    starts before bucket k is yielded, so it arrives while the receiver loads bucket k (two buffers live)."""
+    plan = bucket_plan([m.nbytes for m in meta], buffer_bytes)
+
+    def begin(part: range):
         bucket_meta = [meta[i] for i in part]
         buffer = torch.empty(sum(m.nbytes for m in bucket_meta), dtype=torch.uint8, device=device)
-        broadcast(buffer)
+        return buffer, bucket_meta, start(buffer)
+
+    pending = begin(plan[0]) if plan else None
+    for k in range(len(plan)):
+        buffer, bucket_meta, receiving = pending
+        receiving.wait()
+        pending = begin(plan[k + 1]) if k + 1 < len(plan) else None
         yield unpack(buffer, bucket_meta)
 
 
-def _gloo_broadcast(group) -> Callable[[torch.Tensor], None]:
-    return lambda tensor: group.broadcast(tensor, 0).wait()
+def _gloo_broadcast(group) -> Callable[[torch.Tensor], Any]:
+    """Start a broadcast from rank 0 on the gloo group; returns its work (`wait()` raises past the timeout)."""
+    return lambda tensor: group.broadcast(tensor, 0)
+
+
+class _Enqueued:
+    """A collective enqueued on the current CUDA stream: what follows on that stream runs after it."""
+
+    def wait(self) -> None:
+        pass
 
 
 # ---------------------------------------------------------------- the gloo backend, in vLLM's classes
@@ -261,7 +280,11 @@ class CollectiveReceiver:
             comm = stateless_init_process_group(init_info["master_address"], init_info["master_port"],
                                                 init_info["rank_offset"], init_info["world_size"],
                                                 torch.cuda.current_device())
-            self.broadcast = lambda t: comm.broadcast(t, src=0, stream=torch.cuda.current_stream())
+            def broadcast(tensor: torch.Tensor) -> _Enqueued:
+                comm.broadcast(tensor, src=0, stream=torch.cuda.current_stream())
+                return _Enqueued()
+
+            self.broadcast = broadcast
 
     def tensors(self, update_info: dict) -> Iterator[tuple[str, torch.Tensor]]:
         if self.broadcast is None:

@@ -4,7 +4,8 @@ vLLM's NCCL engines with the communicator swapped: the worker engine keeps NCCL'
 reload (`start_weight_update` / `finish_weight_update`) and loads each received bucket with
 `model.load_weights`; the trainer engine keeps NCCL's `send_weights` (metadata checked
 against the tensors, `update_weights` run on the engines while it broadcasts). Only the
-broadcast differs: a packed uint8 buffer per bucket over a `ProcessGroupGloo`. vLLM imports
+broadcast differs: a packed uint8 buffer per bucket over a `ProcessGroupGloo`, one bucket in
+flight while the next is packed (sender) or the last is loaded (receiver). vLLM imports
 this module when the backend is first used (registered by `collective.register_gloo`).
 """
 
@@ -105,11 +106,17 @@ class GlooTrainerWeightTransferEngine(NCCLTrainerWeightTransferEngine):
             for _ in source:  # take part in the trainer-side gathers
                 pass
             return
-        broadcast = _gloo_broadcast(self.model_update_group)
+        start = _gloo_broadcast(self.model_update_group)
         pairs = self._checked_iter(source, meta)
+        sending = None  # (work, buffer) of the bucket on the wire: bucket k+1 is packed while k travels
         for part in bucket_plan([TensorMeta(m.name, m.dtype, m.shape).nbytes for m in meta],
                                 self.packed_buffer_size_bytes):
-            broadcast(pack([next(pairs)[1] for _ in part]))
+            buffer = pack([next(pairs)[1] for _ in part])
+            if sending is not None:
+                sending[0].wait()
+            sending = (start(buffer), buffer)
+        if sending is not None:
+            sending[0].wait()
         for _ in pairs:  # ends the check: raises if the source yields more than its metadata declares
             pass
 

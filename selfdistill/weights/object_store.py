@@ -23,6 +23,8 @@ class ObjectStoreConfig(SyncCommon):
 class ObjectStoreSender:
     """Learner side (every rank iterates the tensors, rank 0 puts and sends)."""
 
+    packs = False  # ray.put keeps the tensors as given: they must own their storage
+
     def __init__(self, cfg: ObjectStoreConfig, rank: int, receivers: Receivers | None = None):
         self.cfg, self.rank, self.receivers = cfg, rank, receivers
 
