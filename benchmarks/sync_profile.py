@@ -133,7 +133,6 @@ def main(argv: list[str] | None = None) -> None:
         ray.shutdown()
     for row in rows:
         row["vLLM load share"] = row["vLLM load_weights (layerwise reload)"] / row["sync s"]
-    for row in rows:
         row["collective / object store"] = row["sync s"] / rows[0]["sync s"]
 
     out = Path(args.out)

@@ -14,6 +14,8 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 
+from selfdistill.config import ClusterConfig
+
 # Every actor of every run: in-process vLLM engine, quiet tokenizers, one log line per actor line.
 ACTOR_ENV = {"VLLM_ENABLE_V1_MULTIPROCESSING": "0", "TOKENIZERS_PARALLELISM": "false", "RAY_DEDUP_LOGS": "0"}
 # A local cluster on loopback: Ray keeps 127.0.0.1, gloo and vLLM use the loopback interface.
@@ -26,7 +28,7 @@ def is_loopback(address: str) -> bool:
 
 @contextmanager
 def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.0.0.1", quiet: bool = True,
-                max_task_events: int = 10_000):
+                max_task_events: int = ClusterConfig.model_fields["max_task_events"].default):
     """Connect to `address` (`auto`: the cluster this job was submitted to; never starts another), or start
     a local single-node cluster listening only on `node_ip_address`, its GCS keeping at most
     `max_task_events` task events; shut down after.

@@ -117,11 +117,10 @@ class TeacherActor:
                 raise KeyError(f"teacher received unknown parameter {name!r}")
             if self.cfg.weights == "live":
                 params[name].copy_(tensor)
-            elif self.average is None:
-                params[name].mul_(rate).add_(tensor.to(params[name].dtype), alpha=1 - rate)
-            else:
-                average = self.average[name]
-                average.mul_(rate).add_(tensor.to(average.dtype), alpha=1 - rate)
+                continue
+            average = params[name] if self.average is None else self.average[name]
+            average.mul_(rate).add_(tensor.to(average.dtype), alpha=1 - rate)
+            if average is not params[name]:
                 params[name].copy_(average)
 
     def save(self, path: str) -> None:
