@@ -126,9 +126,12 @@ def test_submitted_run_on_two_loopback_nodes(tmp_path, monkeypatch, tiny_model):
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
+    # The cluster's processes, and the job's, inherit these. VLLM_ENABLE_V1_MULTIPROCESSING is one the driver also
+    # gives its actors: set in the user's shell, `submit` ships it in the job's runtime env, and the driver must not
+    # name it again (Ray refuses the job's driver otherwise).
     for key, value in {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "GLOO_SOCKET_IFNAME": "lo",
-                       "VLLM_HOST_IP": "127.0.0.1"}.items():
-        monkeypatch.setenv(key, value)  # the cluster's processes, and the job's, inherit these
+                       "VLLM_HOST_IP": "127.0.0.1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}.items():
+        monkeypatch.setenv(key, value)
     monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)  # ray was imported before the variable was set
     dashboard = _free_port()
     cluster = Cluster(initialize_head=True, connect=False, head_node_args={

@@ -11,6 +11,7 @@ changes none of this: the cluster's own settings hold there.
 
 from __future__ import annotations
 
+import json
 import os
 from contextlib import contextmanager
 
@@ -45,7 +46,11 @@ def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.
     if ray.is_initialized():
         yield ray
         return
-    kwargs = dict(runtime_env={"env_vars": {k: os.environ[k] for k in env}}, log_to_driver=not quiet)
+    # A submitted job's runtime env already carries the variables `selfdistill submit` shipped (the user's own
+    # among them) to every actor; Ray refuses a driver that names any of them again.
+    job_env = _submitted_job_env_vars()
+    kwargs = dict(runtime_env={"env_vars": {k: os.environ[k] for k in env if k not in job_env}},
+                  log_to_driver=not quiet)
     if address:
         ray.init(address=address, **kwargs)
     else:
@@ -58,6 +63,14 @@ def ray_cluster(address: str | None, num_cpus: int, node_ip_address: str = "127.
         yield ray
     finally:
         ray.shutdown()
+
+
+def _submitted_job_env_vars() -> dict[str, str]:
+    """The env vars of the runtime env `ray job submit` gave this driver ({} outside a submitted job)."""
+    from ray._private.runtime_env.constants import RAY_JOB_CONFIG_JSON_ENV_VAR
+
+    config = os.environ.get(RAY_JOB_CONFIG_JSON_ENV_VAR)
+    return (json.loads(config).get("runtime_env") or {}).get("env_vars") or {} if config else {}
 
 
 def _keep_on_loopback() -> None:
