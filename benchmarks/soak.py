@@ -13,7 +13,10 @@ not spend minutes building one.
 
 Every `--every` seconds a thread of the driver records:
 - each process of this machine in the run (the driver and its descendants: Ray's own processes, every actor,
-  vLLM and verifier workers): resident memory (RSS), open file descriptors (/proc/PID/fd), threads;
+  vLLM and verifier workers): resident memory (RSS), open file descriptors (/proc/PID/fd), threads; and, for a
+  process whose thread count differs from its last sample, the names of its threads (the kernel's, from
+  /proc/PID/task/*/comm, and its Python threads', from `py-spy dump`), so that a thread count that grows says
+  which threads appeared (the table's last section);
 - every Ray worker of every node, as its raylet reports it (the calls `ray memory` makes): pid, actor, node,
   objects it owns, object refs in scope; and per node the plasma store's objects and bytes;
 - the task events the GCS holds (about 8 KB of gcs_server memory each, up to `cluster.max_task_events`).
@@ -36,10 +39,14 @@ import os
 import statistics
 import sys
 import threading
+import subprocess
 import time
+from collections import Counter
 from pathlib import Path
 
 import psutil
+
+PY_SPY = Path(sys.executable).with_name("py-spy")  # installed with ray[default]
 
 ROOT = Path(__file__).resolve().parents[1]
 COUNTS = ("fds", "threads")
@@ -69,6 +76,50 @@ def local_processes(driver: psutil.Process) -> dict[str, dict]:
                                   "fds": proc.num_fds(), "threads": proc.num_threads()}
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             continue
+    return out
+
+
+def thread_names(pid: int) -> dict[str, int]:
+    """A process's threads by name: the kernel's names (`comm`), and its Python threads' as `py:NAME` where
+    `py-spy dump` can read the process (a C++ process such as gcs_server has none)."""
+    names: Counter[str] = Counter()
+    for task in Path(f"/proc/{pid}/task").glob("*/comm"):
+        try:
+            names[task.read_text().strip()] += 1
+        except OSError:  # the thread ended while listed
+            continue
+    if PY_SPY.is_file():
+        try:
+            dump = subprocess.run([str(PY_SPY), "dump", "--pid", str(pid), "--json"], capture_output=True,
+                                  timeout=10, check=True).stdout
+            names.update(f"py:{t['thread_name']}" for t in json.loads(dump))
+        except (subprocess.SubprocessError, ValueError):
+            pass
+    return dict(names)
+
+
+def name_threads_where_changed(procs: dict[str, dict], counts: dict[str, int]) -> None:
+    """Add `thread_names` to each process whose thread count is not the one `counts` last saw (and record it)."""
+    for pid, p in procs.items():
+        if counts.get(pid) != p["threads"]:
+            p["thread_names"] = thread_names(int(pid))
+            counts[pid] = p["threads"]
+
+
+def threads_that_appeared(samples: list[dict]) -> dict[str, dict[str, int]]:
+    """Per process (`name[pid]`) whose thread count grew from its first to its last named sample: the names
+    whose count rose, by how much."""
+    named: dict[str, list[dict[str, int]]] = {}
+    for s in samples:
+        for pid, p in s["procs"].items():
+            if "thread_names" in p:
+                named.setdefault(f"{p['name']}[{pid}]", []).append(p["thread_names"])
+    out = {}
+    for proc, seen in named.items():
+        first, last = Counter(seen[0]), Counter(seen[-1])
+        grown = {name: last[name] - first[name] for name in last if last[name] > first[name]}
+        if sum(last.values()) > sum(first.values()) and grown:
+            out[proc] = grown
     return out
 
 
@@ -199,7 +250,7 @@ def _fmt(v: float) -> str:
     return f"{v:.0f}" if abs(v) >= 100 or float(v).is_integer() else f"{v:.2f}"
 
 
-def markdown(rows: list[dict], remote: dict, head: dict) -> str:
+def markdown(rows: list[dict], remote: dict, head: dict, appeared: dict | None = None) -> str:
     growing = [r for r in rows if r["verdict"] == "growing"]
     lines = [f"# Soak (benchmarks/soak.py), {head['date']}", "", "```", head["command"], "```", "",
              f"{head['steps']} training steps ({head['seconds_per_step']:.2f} s/step), {head['samples']} samples "
@@ -219,6 +270,11 @@ def markdown(rows: list[dict], remote: dict, head: dict) -> str:
         lines += ["", "Processes on other nodes (RSS, files and threads not measurable from this machine; their "
                   "Ray objects are in the worker totals):", ""]
         lines += [f"- pid {pid} on {w['node']} {w['actor']}" for pid, w in sorted(remote.items())]
+    if appeared:
+        lines += ["", "Threads that appeared (names whose count rose between a process's first and last named "
+                  "sample; `py:` a Python thread, else the kernel's name):", ""]
+        lines += [f"- {proc}: " + ", ".join(f"{name} +{n}" for name, n in sorted(grown.items()))
+                  for proc, grown in sorted(appeared.items())]
     return "\n".join(lines) + "\n"
 
 
@@ -239,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.summarise:
         head = json.loads((out / "soak.json").read_text()) if (out / "soak.json").is_file() else {}
         samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines() if line]
-        head = {k: v for k, v in head.items() if k not in ("rows", "remote")}
+        head = {k: v for k, v in head.items() if k not in ("rows", "remote", "threads_appeared")}
         if args.note:
             head["note"] = args.note
         return report(samples, out, head, args, head.get("exit_code", 0), head.get("load_start", float("nan")))
@@ -258,15 +314,17 @@ def main(argv: list[str] | None = None) -> int:
     stream = (out / "samples.jsonl").open("w")  # as they come: a run cut short keeps what it sampled
 
     def sample() -> None:  # a thread of the driver, so that it reaches the run's raylets
-        driver = psutil.Process()
+        driver, thread_counts = psutil.Process(), {}
         while not done.is_set():
             ray_info = ray_workers_and_store()
             if ray_info:
                 classes = _actor_classes()
                 for w in ray_info["workers"].values():
                     w["actor"] = classes.get(w["actor_id"], "") if w["actor_id"].strip("f0") else ""
-            samples.append({"t": time.time(), "step": _step(cfg.run_dir / "metrics.jsonl"),
-                            "procs": local_processes(driver), "ray": ray_info})
+            procs = local_processes(driver)
+            name_threads_where_changed(procs, thread_counts)
+            samples.append({"t": time.time(), "step": _step(cfg.run_dir / "metrics.jsonl"), "procs": procs,
+                            "ray": ray_info})
             stream.write(json.dumps(samples[-1]) + "\n")
             stream.flush()
             done.wait(args.every)
@@ -304,9 +362,11 @@ def report(samples: list[dict], out: Path, head: dict, args, code: int, load_sta
             "samples": len(training), "every": head.get("every", args.every),
             "exit_code": code if code is not None else "none (stopped before it ended)", "load_start": load_start,
             "load_end": head.get("load_end") or os.getloadavg()[0]}
-    (out / "soak.json").write_text(json.dumps({**head, "rows": rows, "remote": remote}, indent=1))
-    (out / "soak.md").write_text(markdown(rows, remote, head))
-    print(markdown(rows, remote, head))
+    appeared = threads_that_appeared(training)
+    (out / "soak.json").write_text(json.dumps({**head, "rows": rows, "remote": remote, "threads_appeared": appeared},
+                                              indent=1))
+    (out / "soak.md").write_text(markdown(rows, remote, head, appeared))
+    print(markdown(rows, remote, head, appeared))
     return code or 0
 
 

@@ -90,3 +90,30 @@ def test_one_late_thread_or_a_noisy_flat_series_is_not_growth():
                                                     "b[2] / rss_mb": list(zip(steps, noisy))})}
     assert rows["b[2] / rss_mb"]["second_half_trend_per_100"] > rows["b[2] / rss_mb"]["tolerance_per_100"]
     assert rows["a[1] / threads"]["verdict"] == "flat" and rows["b[2] / rss_mb"]["verdict"] == "flat"
+
+
+def test_a_thread_count_that_grows_names_the_threads_that_appeared():
+    me = psutil.Process()
+    counts: dict[str, int] = {}
+    samples = []
+
+    def take(step):
+        procs = {str(me.pid): {"name": "driver", "threads": me.num_threads()}}
+        soak.name_threads_where_changed(procs, counts)
+        samples.append({"step": step, "procs": procs})
+
+    take(1)
+    take(2)  # unchanged: not named again
+    assert "thread_names" in samples[0]["procs"][str(me.pid)]
+    assert "thread_names" not in samples[1]["procs"][str(me.pid)]
+    stop = threading.Event()
+    threads = [threading.Thread(target=stop.wait, name="soak-test-pool") for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        take(3)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert soak.threads_that_appeared(samples)[f"driver[{me.pid}]"]["py:soak-test-pool"] == 2
