@@ -28,6 +28,7 @@ from selfdistill.launch.faults import Faults
 from selfdistill.launch.processes import alive
 from selfdistill.launch.roles import Roles
 from selfdistill.launch.train import train
+from selfdistill.weights.object_store import bucket_tensors
 
 pytestmark = [pytest.mark.e2e, pytest.mark.usefixtures("local_ray")]
 SYNC_TOLERANCE = 1e-4
@@ -171,31 +172,42 @@ def test_object_store_replacement_loads_the_published_weights_before_it_serves(t
 
 
 def test_replacement_ema_teacher_starts_from_the_average_of_the_last_checkpoint(tmp_path, tiny_model, monkeypatch):
-    """An EMA teacher killed while it scores for step 4 is rebuilt from the average saved in the step-2 checkpoint
-    (not from the run's starting weights, which would drop every version averaged so far), then takes the
-    published weights as one more version."""
-    # step 4's first scoring call: after step 3 trained, so after checkpoint 2 was saved
-    killed_teacher = _kill_on_call(monkeypatch, "score_async", "teacher", version=3)
-    rebuilt, start = [], Faults._start
+    """An EMA teacher killed while it scores for step 6 is rebuilt from the average saved in the step-3 checkpoint
+    (not from the run's starting weights, which would drop every version averaged so far), then blends the
+    published version 5 in with the weight of the two versions since (rate ema_rate^(5 - 3))."""
+    # step 6's first scoring call: after step 5 trained, so after checkpoint 3 was saved
+    killed_teacher = _kill_on_call(monkeypatch, "score_async", "teacher", version=5)
+    rebuilt, caught_up, start = [], [], Faults._start
+
+    def saved(actor, name):
+        ray.get(actor.save.remote(str(tmp_path / name)))
+        return load_file(tmp_path / name / "model.safetensors")
 
     def saved_then_start(self, actor, roles):  # only the teacher dies here
         ray.get(actor.ready.remote())
-        folder = tmp_path / f"replacement-{len(rebuilt)}"
-        ray.get(actor.save.remote(str(folder)))
-        rebuilt.append(load_file(folder / "model.safetensors"))
-        return start(self, actor, roles)
+        rebuilt.append(saved(actor, f"replacement-{len(rebuilt)}"))
+        pid = start(self, actor, roles)
+        handle, version = roles.published
+        caught_up.append((saved(actor, "caught-up"), dict(bucket_tensors(handle)), version))
+        return pid
 
     monkeypatch.setattr(Faults, "_start", saved_then_start)
-    cfg = _config(tmp_path, tiny_model, "faults-ema", "run.steps=5", "run.eval_size=0", "run.save_every=2",
+    cfg = _config(tmp_path, tiny_model, "faults-ema", "run.steps=6", "run.eval_size=0", "run.save_every=3",
                   "rollout.prompts_per_step=2", "rollout.sampling.max_new_tokens=24", "teacher.weights=ema",
-                  "run.keep_checkpoints=3")  # step 2's checkpoint is read after the run
+                  "run.keep_checkpoints=2")  # step 3's checkpoint is read after the run
     summary = train(cfg)
     rows = _rows(cfg)
-    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and rows[-1]["fault/teacher"] == 1
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5, 6] and rows[-1]["fault/teacher"] == 1
     [replacement] = rebuilt
-    average = load_file(cfg.run_dir / "checkpoints" / "step-000002" / "teacher" / "model.safetensors")
+    average = load_file(cfg.run_dir / "checkpoints" / "step-000003" / "teacher" / "model.safetensors")
     initial = load_file(tiny_model / "model.safetensors")
     assert replacement.keys() == average.keys()
-    assert all(torch.equal(replacement[n], average[n]) for n in average), "not rebuilt from the step-2 average"
+    assert all(torch.equal(replacement[n], average[n]) for n in average), "not rebuilt from the step-3 average"
     assert not all(torch.equal(average[n], initial[n].to(average[n].dtype)) for n in average)  # it had moved
+    [(teacher, published, version)] = caught_up
+    rate = cfg.teacher.ema_rate ** (version - 3)
+    assert version == 5
+    for n in average:  # as the teacher blends: average * rate + published * (1 - rate)
+        assert torch.equal(teacher[n], average[n].clone().mul_(rate).add_(published[n].to(average[n].dtype),
+                                                                          alpha=1 - rate)), n
     _assert_stopped(summary, [], killed_teacher)

@@ -73,11 +73,28 @@ def test_teacher_weight_modes(model_dir, mode):
     name = "model.norm.weight"
     old = dict(teacher.model.named_parameters())[name].detach().clone()
     new_state = {n: torch.full_like(p, 2.0) for n, p in teacher.model.named_parameters()}
-    version = teacher.load_weights([new_state], version=7)
+    version = teacher.load_weights([new_state], version=1)
     got = dict(teacher.model.named_parameters())[name].detach()
     expected = {"live": torch.full_like(old, 2.0), "frozen": old, "ema": 0.75 * old + 0.25 * 2.0}[mode]
     torch.testing.assert_close(got, expected)
-    assert version == (0 if mode == "frozen" else 7)
+    assert version == (0 if mode == "frozen" else 1)
+
+
+def test_an_ema_teacher_blends_a_version_with_the_weight_of_every_version_since_the_one_it_holds(model_dir):
+    """A replacement teacher started from the average of version 2 and sent version 5 gives version 5 the weight
+    versions 3, 4 and 5 would have had; a version it already holds, sent again, changes nothing."""
+    cfg = TeacherConfig(weights="ema", ema_rate=0.75)
+    teacher = TeacherActor(str(model_dir), cfg, PromptTemplates(), 1.0, ObjectStoreConfig(), version=2)
+    name = "model.norm.weight"
+    old = dict(teacher.model.named_parameters())[name].detach().clone()
+    live = {n: torch.full_like(p, 2.0) for n, p in teacher.model.named_parameters()}
+    assert teacher.load_weights([live], version=5) == 5
+    caught_up = 0.75**3 * old + (1 - 0.75**3) * 2.0
+    torch.testing.assert_close(dict(teacher.model.named_parameters())[name].detach(), caught_up)
+    teacher.load_weights([{n: torch.full_like(p, 9.0) for n, p in live.items()}], version=5)  # a re-send
+    torch.testing.assert_close(dict(teacher.model.named_parameters())[name].detach(), caught_up)
+    with pytest.raises(ValueError, match="older version 4"):
+        teacher.load_weights([live], version=4)
 
 
 def test_a_bfloat16_ema_teacher_averages_in_float32_and_resumes_from_its_saved_average(model_dir, tmp_path):

@@ -110,7 +110,8 @@ class Faults:
         """Count `teacher`'s failure and start a fresh teacher holding the learner's weights (unless frozen).
 
         An EMA teacher restarts from the average saved in the run's last checkpoint (before the first: the one
-        it started from) and takes the weights published since as one more blended version.
+        it started from) and blends the weights published since with the weight of every version it missed
+        (teacher/actor.py).
         """
         with self._lock:
             if roles.teacher is not teacher:  # the other thread replaced it already

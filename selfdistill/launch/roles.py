@@ -39,6 +39,7 @@ class Roles:
             self.placements = RolePlacements(cfg, self.plan)
             self.policy_path, self.teacher_path, self.start_version = policy_path, teacher_path, version
             self.learner_version = version  # the learner's weights: version v = after v steps (see `train`)
+            self.teacher_version = version  # the version of the weights in teacher_path
             self.engines = [self.new_engine(i) for i in range(cfg.rollout.num_engines)]
             if contexts:
                 self.teacher = self.new_teacher()
@@ -66,7 +67,8 @@ class Roles:
         """A teacher actor in the teacher's bundle (at start, or to replace it)."""
         cfg = self.cfg
         return ray.remote(TeacherActor).options(**self.placements.options("teacher", 0)).remote(
-            self.teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync, cfg.chat)
+            self.teacher_path, cfg.teacher, cfg.templates, cfg.train_temperature, cfg.sync, cfg.chat,
+            self.teacher_version)
 
     def __enter__(self) -> Roles:
         return self
@@ -206,7 +208,8 @@ class Roles:
     def checkpointed(self, path) -> None:
         """Checkpoint `path` is complete: a replacement EMA teacher starts from the average saved in it."""
         if self.teacher is not None and self.cfg.teacher.weights == "ema":
-            self.teacher_path = str(path / "teacher")
+            # saved after this step's publish: the average holds the learner's version
+            self.teacher_path, self.teacher_version = str(path / "teacher"), self.learner_version
 
     # ------------------------------------------------------------------ checks
 

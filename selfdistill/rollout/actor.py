@@ -122,8 +122,7 @@ class RolloutActor:
 
     def update_weights(self, update_info: dict) -> None:
         """Receive one chunk of a version (the learner sends while this runs)."""
-        update_info = dict(update_info)
-        update_info.pop("kind", None)  # "full" or "adapter": the engine knows what it serves
+        update_info = weights.without_header(update_info)  # the engine knows what it serves and commits the version
         if self.native:
             vllm_internals.update_weights(self.engine.llm, update_info)
         else:

@@ -10,6 +10,11 @@ scores with the average rounded to its dtype: blended in bfloat16 itself, an upd
 (1 - ema_rate) x (live - average) is far below half a bfloat16 step (2^-9 of the value), so every
 blend would round back and the teacher would never move. The float32 average is saved with the
 teacher (`EMA_AVERAGE` in its folder) and read back when the teacher starts from that folder.
+
+An EMA teacher blends version v into an average that holds version u with rate ema_rate^(v - u): one
+step of decay per version (v = u + 1 in a run), none for a version it holds already (a re-send), and,
+for a replacement started from the average of an older checkpoint, the weight the versions it missed
+would have had, given to the version it receives (their own values are gone with the dead teacher).
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ class TeacherActor:
     """Ray actor (created with `ray.remote(TeacherActor)`); see module docstring."""
 
     def __init__(self, model_path: str, cfg: TeacherConfig, templates: PromptTemplates, temperature: float,
-                 sync: SyncConfig, chat: ChatConfig | None = None):
+                 sync: SyncConfig, chat: ChatConfig | None = None, version: int = 0):
         from transformers import AutoTokenizer
 
         torch.set_num_threads(max(1, int(cfg.num_cpus)))
@@ -46,7 +51,7 @@ class TeacherActor:
         self.tokenizer = AutoTokenizer.from_pretrained(model_path)
         self.average = self._float32_average(model_path) if cfg.weights == "ema" else None
         self.receiver = weights.build_receiver(sync)
-        self.version = 0
+        self.version = version  # of the weights in model_path (an EMA teacher: the version its average holds)
         self.pid = os.getpid()
 
     def ready(self) -> int:
@@ -70,7 +75,7 @@ class TeacherActor:
         returns the version now held."""
         if self.cfg.weights == "frozen":
             return self.version
-        self._apply(bucket_tensors(buckets))
+        self._apply(bucket_tensors(buckets), version)
         self.version = version
         return version
 
@@ -83,7 +88,7 @@ class TeacherActor:
         pass
 
     def update_weights(self, update_info: dict) -> None:
-        self._apply(self.receiver.tensors(update_info))
+        self._apply(self.receiver.tensors(update_info), int(update_info["version"]))
 
     def finish_weight_update(self, weight_version: str) -> None:
         self.version = int(weight_version)
@@ -106,12 +111,14 @@ class TeacherActor:
         return {name: p.detach().float().clone() for name, p in params.items()}
 
     @torch.no_grad()
-    def _apply(self, named_tensors) -> None:
-        """Copy (live) or blend (ema) received tensors into the teacher's parameters."""
+    def _apply(self, named_tensors, version: int) -> None:
+        """Copy (live) or blend (ema) received tensors of `version` into the teacher's parameters."""
         if self.cfg.weights == "frozen":
             raise RuntimeError("a frozen teacher receives no weights (it is not a weight-sync receiver)")
+        if version < self.version:
+            raise ValueError(f"teacher holds version {self.version} and was sent the older version {version}")
         params = lora.published_parameters(self.model)
-        rate = self.cfg.ema_rate
+        rate = self.cfg.ema_rate ** (version - self.version)
         for name, tensor in named_tensors:
             if name not in params:
                 raise KeyError(f"teacher received unknown parameter {name!r}")

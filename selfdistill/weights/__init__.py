@@ -15,7 +15,8 @@ The interface
 What travels is a `Weights`: `meta` (a `TensorMeta` per tensor: name, wire dtype, full
 shape), `buckets()` (a fresh pass over dicts of named tensors, in `meta` order; called on
 every learner rank in lockstep, each bucket one ZeRO-3 gather), and `kind` ("full", or e.g.
-"adapter": receivers get it as `update_info["kind"]`). Any set of named tensors can travel.
+"adapter": receivers get it as `update_info["kind"]`, and the version being sent as
+`update_info["version"]`). Any set of named tensors can travel.
 
 Learner side, on every rank: `sender = build_sender(cfg, rank, receivers)` where `receivers`
 (rank 0) is a `Receivers` client over the receiving Ray actors by name; then
@@ -39,7 +40,9 @@ from typing import Annotated, Union
 
 from pydantic import Discriminator, Tag
 
-from selfdistill.weights.base import Bucket, Receivers, TensorMeta, Weights, WeightSyncError, bucket_plan, checked
+from selfdistill.weights.base import (
+    Bucket, Receivers, TensorMeta, Weights, WeightSyncError, bucket_plan, checked, without_header,
+)
 from selfdistill.weights.collective import CollectiveConfig, CollectiveReceiver, CollectiveSender
 from selfdistill.weights.ipc import IpcConfig, IpcReceiver, IpcSender
 from selfdistill.weights.object_store import ObjectStoreConfig, ObjectStoreReceiver, ObjectStoreSender
@@ -73,4 +76,5 @@ def build_receiver(cfg):
 
 
 __all__ = ["Bucket", "CollectiveConfig", "IpcConfig", "ObjectStoreConfig", "Receivers", "SyncConfig", "TensorMeta",
-           "WeightSyncError", "Weights", "bucket_plan", "build_receiver", "build_sender", "checked"]
+           "WeightSyncError", "Weights", "bucket_plan", "build_receiver", "build_sender", "checked",
+           "without_header"]

@@ -111,6 +111,14 @@ def update_info(meta: list[TensorMeta]) -> dict:
             "shapes": [list(m.shape) for m in meta]}
 
 
+SYNC_HEADER = ("kind", "version")  # what `Receivers` adds to vLLM's update_info: the tensors' kind, the version
+
+
+def without_header(update_info: dict) -> dict:
+    """vLLM's own update_info, without the keys `Receivers` adds (`SYNC_HEADER`)."""
+    return {k: v for k, v in update_info.items() if k not in SYNC_HEADER}
+
+
 def meta_from_update_info(info: dict) -> list[TensorMeta]:
     """The inverse of `update_info`."""
     return [TensorMeta(n, getattr(torch, d), tuple(s)) for n, d, s in
@@ -159,7 +167,7 @@ class Receivers:
         self._wait({n: a.start_weight_update.remote() for n, a in self.actors.items()}, "start_weight_update")
 
     def update_weights(self, update_info) -> None:
-        payload = {**update_info, "kind": self.kind}
+        payload = {**update_info, "kind": self.kind, "version": self.version}
         self._wait({n: a.update_weights.remote(payload) for n, a in self.actors.items()}, "update_weights")
 
     def finish_weight_update(self, weight_version: str | None = None) -> None:
