@@ -77,7 +77,7 @@ def test_dasd_loss_by_hand():
     # student rows [0.5, 0.5] (H = ln 2 = 0.693147) and [0.9, 0.1] (H = 0.325083); token 0 sampled twice
     student = torch.tensor([[[0.5, 0.5], [0.9, 0.1]]]).log()
     teacher = torch.tensor([[math.log(0.9), math.log(0.95)]])
-    cfg = DasdConfig(rho=0.5, beta=1.0, gap_norm="none", push_groups="all")
+    cfg = DasdConfig(rho=0.5, beta=1.0, gap_norm="none", push_margin=1.0, push_groups="all")
     loss, metrics = build_objective(cfg)(_inputs(student, teacher, torch.zeros(1, 2, dtype=torch.long)))
     # Q_0.5 = median = 0.509115, sigma_H = mean |H - 0.509115| = 0.184032 -> tanh argument [-1, +1]
     # token 0 is pushed; its raw gap 0.587787 is inside the trust region (< push_margin 1): scale 1
@@ -96,7 +96,8 @@ def test_step_pulls_low_entropy_tokens_toward_teacher_and_pushes_high_entropy_on
     student = logits.log_softmax(-1)
     tokens = torch.zeros(1, 3, dtype=torch.long)
     teacher = student.detach()[..., 0] + 0.5
-    loss, metrics = build_objective(DasdConfig(rho=0.5, push_groups="all"))(_inputs(student, teacher, tokens))
+    cfg = DasdConfig(rho=0.5, push_margin=1.0, push_groups="all")  # the gap, 0.5, inside the trust region
+    loss, metrics = build_objective(cfg)(_inputs(student, teacher, tokens))
     loss.backward()
     with torch.no_grad():
         change = (logits - logits.grad).log_softmax(-1)[..., 0] - student[..., 0]
@@ -188,11 +189,13 @@ def _logit_table_kl(cfg, steps=500, G=8, T=12, V=50, lr=0.2, seed=0):
 
 @pytest.mark.parametrize("push_groups", ["mixed_rewards", "all"])
 def test_push_stays_bounded_over_500_steps_on_a_logit_table(push_groups):
-    # equal rewards: the default pushes nowhere; push_groups="all" pushes and only the trust region bounds it
+    # Equal rewards: the default pushes nowhere; push_groups="all" pushes and only the trust region bounds it.
+    # The pulls alone (no push) end at KL 0.67 here: the sampled-token pull follows the reverse KL, which is
+    # mode-seeking, so the forward KL measured here rises from 0.03 and settles.
     bounded = _logit_table_kl(DasdConfig(push_groups=push_groups))
+    pulls_only = _logit_table_kl(DasdConfig(push_groups="mixed_rewards"))
     unbounded = _logit_table_kl(DasdConfig(push_margin=None, push_groups="all", gap_norm="traj_std"))
     assert bounded[0] < 0.1
-    margin = DasdConfig().push_margin
-    assert max(bounded) < 2 * margin  # the trust region: about 2m nats from the teacher at most
     assert max(bounded[-100:]) - min(bounded[-100:]) < 0.3  # settled, not climbing
+    assert bounded[-1] - pulls_only[-1] < 0.25  # the bounded push adds little (margin 0.1: +0.10; margin 1: +0.27)
     assert unbounded[-1] > 1.3 * bounded[-1]  # what the bound removes

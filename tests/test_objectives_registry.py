@@ -108,7 +108,7 @@ def test_defaults_follow_the_methods():
     assert (pw.w_min, pw.tau, pw.s, pw.clip) == (0.25, 0.30, 0.10, 0.05)
     dasd = DasdConfig()
     assert (dasd.rho, dasd.side) == (0.2, "low_entropy_pulls")  # the paper's
-    assert (dasd.gap_norm, dasd.push_margin, dasd.push_groups) == ("none", 1.0, "mixed_rewards")  # ours, measured
+    assert (dasd.gap_norm, dasd.push_margin, dasd.push_groups) == ("none", 0.1, "mixed_rewards")  # ours, measured
     assert (PmiConfig().beta, PmiConfig().clip, PmiConfig().target_form) == (1.0, 10.0, "tanh_clip")
 
 

@@ -22,15 +22,15 @@ Not recovered, so ours: which share rho counts (`rho_share`), the gap normaliser
 (`gap_norm`: none by default, or the gap's root mean square over the trajectory or the
 micro-batch, its std about zero), beta, and what bounds the push. Read literally (beta = 1, no bound)
 the push has no fixed point: it collapsed the CPU model (rollout reward 0.30 -> 0.03 in 9
-steps). Our bound (`push_margin`, default 1 nat) is a trust region on the raw gap: a pushed
+steps). Our bound (`push_margin`, default 0.1 nat) is a trust region on the raw gap: a pushed
 token's weight fades from 1 to 0 as |log p_T(y) - log p_S(y)| grows from m to 2m, so the
 student can move only about 2m nats from the teacher on any token it samples;
-`push_groups="mixed_rewards"` limits pushes to groups whose rewards differ. Defaults chosen
-by a measured 40-step sweep on the CPU task (docs/methods.md): held-out 0.685 -> 0.035 with
-the trajectory-RMS gap and the trust region, 0.585 with the raw gap, 0.645 with the raw
-gap and pushes only in mixed-reward groups (the defaults). At 150 steps (methods benchmark,
-docs/methods.md) the routed term costs accuracy against GRPO alone on the CPU task: GRPO
-+4.3 points, DASD -1.9 (two seeds), beta 3 -10.4, pulls only +2.6.
+`push_groups="mixed_rewards"` limits pushes to groups whose rewards differ. Defaults measured on
+the CPU task (docs/methods.md): a 40-step sweep chose the raw gap and mixed-reward pushes (held-out
+0.685 -> 0.035 with the trajectory-RMS gap and the trust region, 0.585 with the raw gap, 0.645 with
+pushes only in mixed-reward groups); the methods benchmark (150 steps, 500 problems, paired gains)
+chose the margin: push_margin 1 -1.9 points (two seeds), 0.1 +3.4 (two seeds; +5.3 +- 1.1 over
+margin 1, paired), pulls only +2.6, beta 3 -10.4; GRPO alone +4.3.
 """
 
 from __future__ import annotations
@@ -81,7 +81,7 @@ class DasdConfig(ClippedPGConfig):
         1.0, ge=0.0, description="Scale of the routed distillation term next to the GRPO advantage (not public)."
     )
     push_margin: float | None = Field(
-        1.0,
+        0.1,
         gt=0.0,
         description="Trust region of the push (ours): a pushed token's weight fades linearly from 1 to 0 as the raw "
         "gap |log p_T(y) - log p_S(y)| grows from push_margin to 2 * push_margin nats, so the student can move only "
