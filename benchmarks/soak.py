@@ -37,9 +37,9 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import threading
-import subprocess
 import time
 from collections import Counter
 from pathlib import Path
@@ -109,16 +109,16 @@ def name_threads_where_changed(procs: dict[str, dict], counts: dict[str, int]) -
 def threads_that_appeared(samples: list[dict]) -> dict[str, dict[str, int]]:
     """Per process (`name[pid]`) whose thread count grew from its first to its last named sample: the names
     whose count rose, by how much."""
-    named: dict[str, list[dict[str, int]]] = {}
+    named: dict[str, list[tuple[int, dict[str, int]]]] = {}
     for s in samples:
         for pid, p in s["procs"].items():
             if "thread_names" in p:
-                named.setdefault(f"{p['name']}[{pid}]", []).append(p["thread_names"])
+                named.setdefault(f"{p['name']}[{pid}]", []).append((p["threads"], p["thread_names"]))
     out = {}
     for proc, seen in named.items():
-        first, last = Counter(seen[0]), Counter(seen[-1])
-        grown = {name: last[name] - first[name] for name in last if last[name] > first[name]}
-        if sum(last.values()) > sum(first.values()) and grown:
+        (first_count, first), (last_count, last) = seen[0], seen[-1]
+        grown = {name: n - first.get(name, 0) for name, n in last.items() if n > first.get(name, 0)}
+        if last_count > first_count and grown:
             out[proc] = grown
     return out
 
