@@ -168,7 +168,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--methods", nargs="*", default=CORE_METHODS, help="configs under configs/cpu/ (default: core)")
     ap.add_argument("--steps", type=int, default=150)
-    ap.add_argument("--seeds", type=int, default=2, help="seeds 0..N-1 per method")
+    ap.add_argument("--seeds", type=int, default=3, help="seeds 0..N-1 per method")
     ap.add_argument("--eval-size", type=int, default=500, help="held-out problems scored before and after")
     ap.add_argument("--eval-every", type=int, default=50, help="held-out greedy accuracy during training (curves)")
     ap.add_argument("--k", type=int, default=4, help="samples per problem for Avg@k")
