@@ -1,6 +1,7 @@
 """DASD: masked quantile, gap normalisation, entropy-routed weights and their direction, by hand."""
 
 import math
+import statistics
 
 import pytest
 import torch
@@ -166,7 +167,7 @@ def test_minus_inf_teacher_logprobs_give_a_finite_loss():
         logits.grad = None
 
 
-def _logit_table_kl(cfg, steps=500, G=8, T=12, V=50, lr=0.2, seed=0):
+def _logit_table_kl(cfg, steps=500, G=64, T=12, V=50, lr=0.2, seed=0):
     """KL(teacher || student) per step for a free [T, V] logit table trained on G sampled responses a step,
     the teacher frozen, every reward equal (so only the distillation term moves the student)."""
     g = torch.Generator().manual_seed(seed)
@@ -190,13 +191,16 @@ def _logit_table_kl(cfg, steps=500, G=8, T=12, V=50, lr=0.2, seed=0):
 @pytest.mark.parametrize("push_groups", ["mixed_rewards", "all"])
 def test_push_stays_bounded_over_500_steps_on_a_logit_table(push_groups):
     # Equal rewards: the default pushes nowhere; push_groups="all" pushes and only the trust region bounds it.
-    # The pulls alone (no push) end at KL 0.67 here: the sampled-token pull follows the reverse KL, which is
-    # mode-seeking, so the forward KL measured here rises from 0.03 and settles.
+    # 64 samples a step keep the trajectory's statistics alike across seeds and machines (with 8, float noise in
+    # the sampling moved the final KL of one seed between 0.42 and 1.19). Seeds 0-7, mean of the last 100 steps:
+    # pulls alone 0.014-0.048, margin 0.1 0.051-0.120, margin 1 0.21-0.30, no bound with the trajectory-RMS gap
+    # 0.30-0.59, never more than 0.02 apart within a run's last 100 steps for margin 0.1.
     bounded = _logit_table_kl(DasdConfig(push_groups=push_groups))
-    no_push = DasdConfig(push_groups="mixed_rewards")  # equal rewards: no group is mixed
-    pulls_only = bounded if push_groups == "mixed_rewards" else _logit_table_kl(no_push)
+    pulls_only = bounded if push_groups == "mixed_rewards" else _logit_table_kl(DasdConfig(push_groups="mixed_rewards"))
     unbounded = _logit_table_kl(DasdConfig(push_margin=None, push_groups="all", gap_norm="traj_std"))
+    settled = statistics.fmean(bounded[-100:])
     assert bounded[0] < 0.1
-    assert max(bounded[-100:]) - min(bounded[-100:]) < 0.3  # settled, not climbing
-    assert bounded[-1] - pulls_only[-1] < 0.25  # the bounded push adds little (margin 0.1: +0.10; margin 1: +0.27)
-    assert unbounded[-1] > 1.3 * bounded[-1]  # what the bound removes
+    assert max(bounded[-100:]) - min(bounded[-100:]) < 0.1  # settled, not climbing
+    assert settled < 0.2  # bounded
+    assert settled - statistics.fmean(pulls_only[-100:]) < 0.15  # the bounded push adds little to the pulls' KL
+    assert statistics.fmean(unbounded[-100:]) > 2 * settled  # what the bound removes
