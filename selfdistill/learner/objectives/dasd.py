@@ -30,8 +30,8 @@ the CPU task (docs/methods.md): a 40-step sweep chose the raw gap and mixed-rewa
 0.685 -> 0.035 with the trajectory-RMS gap and the trust region, 0.585 with the raw gap, 0.645 with
 pushes only in mixed-reward groups); the methods benchmark (150 steps, 500 problems, paired gains)
 chose the margin: push_margin 1 -1.9 points (two seeds), 0.1 +3.4 (two seeds; +5.3 +- 1.1 over
-margin 1, paired; +2.4 +- 1.8 on three seeds, -1.9 +- 1.0 against GRPO), pulls only +2.6, beta 3
--10.4; GRPO alone +4.3.
+margin 1, paired; +2.4 +- 1.8 on three seeds, -1.9 +- 1.0 against GRPO), pulls only +2.9 (three seeds),
+beta 3 -10.4; GRPO alone +4.3.
 """
 
 from __future__ import annotations
